@@ -1,0 +1,1 @@
+"""sorna_agent"""

@@ -1,0 +1,1 @@
+"""The `sorna` command line: one module per command group, thin over sorna_server."""

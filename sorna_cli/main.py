@@ -1,0 +1,103 @@
+"""Entry point of the `sorna` command: global options, lazy groups, error boundary."""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Any
+
+import click
+
+from sorna_server import __version__
+from sorna_server.config import ConfigError
+
+from .context import CliContext
+
+# command name -> "module:attribute"; modules are imported only when used.
+COMMANDS = {
+    "serve": "sorna_cli.serve:serve",
+    "agent": "sorna_cli.agent:agent",
+    "schema": "sorna_cli.schema:schema",
+    "fixture": "sorna_cli.fixture:fixture",
+    "keypair": "sorna_cli.keypair:keypair",
+    "registry": "sorna_cli.registry:registry",
+    "dbshell": "sorna_cli.dbshell:dbshell",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="Config file (default ./sorna.toml; env SORNA_CONFIG).")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Folder for the embedded SQLite file and Redis socket.")
+@click.option("--db-url", help="SQLAlchemy database URL (env SORNA_DB_URL).")
+@click.option("--redis-url", help="Redis URL (env SORNA_REDIS_URL).")
+@click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+@click.option("--debug", is_flag=True, default=None, help="Show tracebacks and debug logs.")
+@click.version_option(version=__version__, prog_name="sorna")
+@click.pass_context
+def cli(ctx: click.Context, config_file: str | None, debug: bool | None, **overrides: Any) -> None:
+    """Sorna: run code in remote, sandboxed kernels."""
+    ctx.obj = CliContext(config_file, {**overrides, "debug": debug}, bool(debug))
+
+
+class OperatorError(click.ClickException):
+    """An error with a one-line message and a chosen exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _configure_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    _configure_logging(debug)
+    try:
+        cli.main(args=args, prog_name="sorna", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except ConfigError as exc:
+        if debug:
+            raise
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # the boundary: one line unless --debug
+        if debug:
+            raise
+        from sorna_server.db.engine import DatabaseUnavailable
+
+        if isinstance(exc, DatabaseUnavailable):
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        click.echo(f"Error: {exc.__class__.__name__}: {exc} (run with --debug for details)",
+                   err=True)
+        sys.exit(1)

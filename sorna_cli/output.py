@@ -1,0 +1,45 @@
+"""All terminal output of the CLI: rich tables for people, JSON for scripts."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import date, datetime
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=_default, sort_keys=False))
+
+
+def console(stderr: bool = False) -> Console:
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def print_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None) -> None:
+    table = Table(title=title, show_lines=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*("" if cell is None else str(cell) for cell in row))
+    console().print(table)
+
+
+def print_fields(fields: dict[str, Any], title: str | None = None) -> None:
+    print_table(("field", "value"), fields.items(), title=title)
+
+
+def note(message: str) -> None:
+    """A status line for people (stderr, so stdout stays clean for pipes)."""
+    console(stderr=True).print(message)

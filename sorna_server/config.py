@@ -1,0 +1,268 @@
+"""The one settings object every `sorna` command and process uses.
+
+Precedence, lowest first: field defaults < config file (`sorna.toml`, or the path
+from `--config` / `SORNA_CONFIG`) < `SORNA_*` environment < explicit overrides
+(command-line flags).  Historic environment names (`SORNA_DB_ADDR`,
+`SORNA_SERVICE_PORT`, ...) are plain fields, so they need no special casing.
+
+Building a `SornaConfig` only validates values; nothing touches the network or
+the disk except reading the config file.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_FILE = "sorna.toml"
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message is one line for the operator."""
+
+
+def parse_size(value: Any) -> int:
+    """Accept a byte count as an int or a string such as '512m', '2g', '64k'."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512m")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    text = str(value).strip().lower().removesuffix("b").removesuffix("i")
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    factor = 1
+    if text and text[-1] in units:
+        factor = units[text[-1]]
+        text = text[:-1]
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"expected a size such as 512m, got {value!r}") from None
+    if number < 0:
+        raise ValueError("must not be negative")
+    return int(number * factor)
+
+
+def mask_url(url: str | None) -> str:
+    """Return `url` with any password replaced by `***` (safe for logs and errors)."""
+    if not url:
+        return ""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, tail = rest.partition("/")
+    if "@" not in authority:
+        return url
+    userinfo, _, hostpart = authority.rpartition("@")
+    if ":" in userinfo:
+        user = userinfo.split(":", 1)[0]
+        userinfo = f"{user}:***"
+    return f"{scheme}://{userinfo}@{hostpart}{slash}{tail}"
+
+
+class SornaConfig(BaseSettings):
+    """Typed settings; see README's configuration table for each one."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SORNA_",
+        case_sensitive=False,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # --- general ---------------------------------------------------------
+    data_dir: Path = Field(
+        default=Path("sorna-data"),
+        description="folder for the embedded SQLite file and Redis socket",
+    )
+    debug: bool = False
+    log_level: str = "INFO"
+
+    # --- database --------------------------------------------------------
+    db_url: SecretStr | None = Field(default=None, description="any SQLAlchemy URL")
+    db_addr: str | None = Field(default=None, description="historic host:port")
+    db_name: str = "sorna"
+    db_user: str = "postgres"
+    db_password: SecretStr | None = None
+
+    # --- redis -----------------------------------------------------------
+    redis_url: SecretStr | None = None
+    redis_addr: str | None = Field(default=None, description="historic host:port")
+    redis_db_kernels: int = Field(default=1, ge=0, le=15)
+    redis_db_instances: int = Field(default=2, ge=0, le=15)
+    redis_db_sessions: int = Field(default=3, ge=0, le=15)
+    redis_db_ratelimit: int = Field(default=4, ge=0, le=15)
+
+    # --- gateway ---------------------------------------------------------
+    service_ip: str = "0.0.0.0"
+    service_port: int = Field(default=0, ge=0, le=65535, description="0 = 8080, or 8443 with TLS")
+    ssl_cert: Path | None = None
+    ssl_key: Path | None = None
+    workers: int = Field(default=1, ge=1, le=64)
+    shutdown_timeout: float = Field(default=10.0, gt=0)
+    manager_ip: str = Field(default="127.0.0.1", description="legacy ZMQ bind address")
+    manager_port: int = Field(default=5001, ge=0, le=65535, description="legacy ZMQ port")
+    legacy_access_key: str | None = None
+    events_ip: str = "0.0.0.0"
+    events_port: int = Field(default=5002, ge=0, le=65535)
+    heartbeat_interval: float = Field(default=3.0, gt=0)
+    agent_rpc_timeout: float = Field(default=10.0, gt=0)
+    keypair_cache_ttl: float = Field(default=5.0, ge=0)
+    max_upload_size: int = Field(default=16 << 20, description="bytes per uploaded file")
+
+    # --- reference agent -------------------------------------------------
+    agent_port: int = Field(default=6001, ge=0, le=65535)
+    agent_rpc_addr: str | None = Field(default=None, description="tcp://IP:PORT to bind")
+    agent_advertise_host: str | None = None
+    agent_managers: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:5002"])
+    agent_instance_id: str | None = None
+    agent_max_kernels: int = Field(default=16, ge=1)
+    agent_pool_size: int = Field(default=2, ge=0, le=64)
+    agent_idle_timeout: float = Field(default=600.0, gt=0)
+    agent_exec_timeout: float = Field(default=10.0, gt=0)
+    agent_max_mem: int = Field(default=512 << 20, description="bytes, e.g. 512m")
+    agent_max_cpu_time: float = Field(default=600.0, gt=0, description="CPU seconds per kernel")
+    agent_max_procs: int = Field(default=64, ge=1)
+    agent_max_file_size: int = Field(default=64 << 20)
+    agent_max_output: int = Field(default=1 << 20, description="bytes of output per execute")
+    agent_scratch_dir: Path | None = None
+    agent_stats_interval: float = Field(default=5.0, gt=0)
+
+    @field_validator("agent_max_mem", "agent_max_file_size", "agent_max_output",
+                     "max_upload_size", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any) -> int:
+        return parse_size(value)
+
+    @field_validator("agent_managers", mode="before")
+    @classmethod
+    def _managers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @field_validator("db_addr", "redis_addr")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"expected host:port, got {value!r}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    # --- derived values ----------------------------------------------------
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL in use: explicit URL, historic parts, or embedded SQLite."""
+        if self.db_url is not None:
+            return self.db_url.get_secret_value()
+        if self.db_addr:
+            password = self.db_password.get_secret_value() if self.db_password else ""
+            auth = quote(self.db_user, safe="")
+            if password:
+                auth += ":" + quote(password, safe="")
+            return f"postgresql://{auth}@{self.db_addr}/{self.db_name}"
+        return f"sqlite:///{self.data_dir.resolve() / 'sorna.db'}"
+
+    @property
+    def uses_embedded_db(self) -> bool:
+        return self.db_url is None and not self.db_addr
+
+    @property
+    def explicit_redis_url(self) -> str | None:
+        """The configured Redis URL, or None when the embedded Redis should be used."""
+        if self.redis_url is not None:
+            return self.redis_url.get_secret_value()
+        if self.redis_addr:
+            return f"redis://{self.redis_addr}"
+        return None
+
+    @property
+    def embedded_redis_socket(self) -> Path:
+        return self.data_dir.resolve() / "redis.sock"
+
+    @property
+    def http_port(self) -> int:
+        if self.service_port:
+            return self.service_port
+        return 8443 if self.ssl_cert else 8080
+
+    @property
+    def agent_bind_addr(self) -> str:
+        return self.agent_rpc_addr or f"tcp://0.0.0.0:{self.agent_port}"
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    first = exc.errors()[0]
+    name = ".".join(str(part) for part in first["loc"]) or "config"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        return f"unknown setting {name!r} in {origin}"
+    value = first.get("input")
+    shown = "" if name.endswith(("password", "_url")) or isinstance(value, dict) else f" (got {value!r})"
+    return f"invalid setting {name}: {message}{shown}"
+
+
+def load_config(config_file: str | os.PathLike | None = None, **overrides: Any) -> SornaConfig:
+    """Build the settings object once per process.
+
+    `config_file` (or `SORNA_CONFIG`) names a TOML file; without either,
+    `./sorna.toml` is read when present.  `overrides` are flag values; `None`
+    means "not given on the command line".
+    """
+    explicit = config_file or os.environ.get("SORNA_CONFIG")
+    path = Path(explicit) if explicit else Path(DEFAULT_CONFIG_FILE)
+    if explicit and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.is_file():
+        try:
+            with path.open("rb") as fh:
+                tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    given = {key: value for key, value in overrides.items() if value is not None}
+    settings_cls: type[SornaConfig] = SornaConfig
+    if path.is_file():
+        settings_cls = type(
+            "SornaConfig",
+            (SornaConfig,),
+            {"model_config": {**SornaConfig.model_config, "toml_file": path}},
+        )
+    try:
+        config = settings_cls(**given)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, str(path))) from None
+    if (config.ssl_cert is None) != (config.ssl_key is None):
+        raise ConfigError("invalid setting ssl_cert/ssl_key: give both or neither")
+    return config

@@ -1,0 +1,1 @@
+"""Durable records: tables, engines and the small queries shared by several parts."""

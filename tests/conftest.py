@@ -1,0 +1,130 @@
+"""Shared fixtures: real databases and real Redis servers, never mocks.
+
+- `db_url`: a fresh SQLite file, and (when SORNA_TEST_DB_URL is set) a fresh
+  PostgreSQL database created for the test and dropped after it.
+- `redis_url`: the embedded redis-server (session-scoped), and (when
+  SORNA_TEST_REDIS_URL is set) that real server; the databases tests use are
+  flushed before each test.
+- `make_config`: builds a SornaConfig for a test with free ports and a private
+  data directory; keyword arguments override settings.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import redis as sync_redis
+from sqlalchemy.engine import make_url
+
+from sorna_server.config import SornaConfig, load_config
+from sorna_server.redis_conn import EmbeddedRedis
+
+PG_URL = os.environ.get("SORNA_TEST_DB_URL")
+REAL_REDIS_URL = os.environ.get("SORNA_TEST_REDIS_URL")
+# Database numbers the tests use, away from the defaults so a shared server
+# used by a developer is not clobbered.
+TEST_REDIS_DBS = {"redis_db_kernels": 11, "redis_db_instances": 12,
+                  "redis_db_sessions": 13, "redis_db_ratelimit": 14}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """Call it to get a TCP port on 127.0.0.1 that is free right now."""
+    return _free_port
+
+
+def _pg_admin(statement: str) -> None:
+    async def run() -> None:
+        import asyncpg
+        url = make_url(PG_URL)
+        conn = await asyncpg.connect(host=url.host or "127.0.0.1", port=url.port or 5432,
+                                     user=url.username or "postgres", password=url.password,
+                                     database=url.database or "postgres")
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+    asyncio.run(run())
+
+
+DB_BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
+
+
+@pytest.fixture(params=DB_BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL of an empty database of each configured backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'test.db'}"
+    name = f"sorna_test_{uuid.uuid4().hex[:12]}"
+    _pg_admin(f'CREATE DATABASE "{name}"')
+    request.addfinalizer(lambda: _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    return make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def embedded_redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    # A short path: unix socket paths are limited to about 100 bytes.
+    data_dir = Path(tmp_path_factory.mktemp("redis"))
+    server = EmbeddedRedis(data_dir)
+    loop = asyncio.new_event_loop()
+    try:
+        url = loop.run_until_complete(server.start())
+        yield url
+        loop.run_until_complete(server.stop())
+    finally:
+        loop.close()
+
+
+REDIS_BACKENDS = ["embedded"] + (["real"] if REAL_REDIS_URL else [])
+
+
+@pytest.fixture(params=REDIS_BACKENDS)
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """A Redis URL whose test databases are empty."""
+    url = request.getfixturevalue("embedded_redis_url") if request.param == "embedded" \
+        else REAL_REDIS_URL
+    for db in TEST_REDIS_DBS.values():
+        client = sync_redis.Redis.from_url(url, db=db)
+        try:
+            client.flushdb()
+        finally:
+            client.close()
+    return url
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., SornaConfig]:
+    """Build a config for this test: private data dir, free ports, overrides win."""
+    def build(**overrides: Any) -> SornaConfig:
+        values: dict[str, Any] = {
+            "data_dir": str(tmp_path / "data"),
+            "service_ip": "127.0.0.1",
+            "service_port": _free_port(),
+            "manager_port": _free_port(),
+            "events_ip": "127.0.0.1",
+            "events_port": _free_port(),
+            "agent_port": _free_port(),
+            **TEST_REDIS_DBS,
+        }
+        values.update(overrides)
+        return load_config(None, **values)
+    return build
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see the developer's SORNA_* settings (SORNA_TEST_* stay)."""
+    for name in list(os.environ):
+        if name.startswith("SORNA_") and not name.startswith("SORNA_TEST_"):
+            monkeypatch.delenv(name)
