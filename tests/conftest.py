@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import redis as sync_redis
+import zmq
 from sqlalchemy.engine import make_url
 
 from sorna_server.config import SornaConfig, load_config
@@ -128,3 +133,86 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("SORNA_") and not name.startswith("SORNA_TEST_"):
             monkeypatch.delenv(name)
+
+
+class AgentProcess:
+    """A reference agent (`sorna agent`) running as a real child process."""
+
+    def __init__(self, proc: "subprocess.Popen[bytes]", addr: str, instance_id: str, log_path: Path):
+        self.proc = proc
+        self.addr = addr
+        self.instance_id = instance_id
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def _ping_agent(addr: str, timeout: float) -> bool:
+    from sorna_server import agent_protocol as proto
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(addr)
+    try:
+        sock.send(proto.encode_request(1, "ping"))
+        if sock.poll(int(timeout * 1000)):
+            return proto.decode_reply(sock.recv()).ok
+        return False
+    finally:
+        sock.close(0)
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Callable[..., AgentProcess]:
+    """Start reference agents: `agent_factory(events_port=..., instance_id=..., **flags)`.
+
+    Keyword flags map to `sorna agent` options (max_kernels -> --max-kernels).
+    Waits until the agent answers `ping`; every agent is stopped after the test.
+    """
+    started: list[AgentProcess] = []
+
+    def start(events_port: int | None = None, *, instance_id: str | None = None,
+              managers: list[str] | None = None, env: dict[str, str] | None = None,
+              wait: bool = True, **flags: Any) -> AgentProcess:
+        port = _free_port()
+        addr = f"tcp://127.0.0.1:{port}"
+        instance_id = instance_id or f"i-test-{uuid.uuid4().hex[:8]}"
+        managers = managers or ([f"tcp://127.0.0.1:{events_port}"] if events_port else [])
+        data_dir = tmp_path / instance_id
+        data_dir.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, "-m", "sorna_cli", "--data-dir", str(data_dir), "agent",
+                "--rpc-addr", addr, "--instance-id", instance_id]
+        for manager in managers:
+            args += ["--manager", manager]
+        for name, value in flags.items():
+            args += [f"--{name.replace('_', '-')}", str(value)]
+        log_path = data_dir / "agent.log"
+        proc = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
+        agent = AgentProcess(proc, addr, instance_id, log_path)
+        started.append(agent)
+        if wait:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"agent exited with {proc.returncode}:\n{agent.log()}")
+                if _ping_agent(addr, 0.5):
+                    break
+            else:
+                raise RuntimeError(f"agent did not answer ping:\n{agent.log()}")
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()
