@@ -10,17 +10,21 @@ the disk except reading the config file.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -54,10 +58,17 @@ def parse_size(value: Any) -> int:
     return int(number * factor)
 
 
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:password|passwd|pwd)=)[^&#]*")
+
+
 def mask_url(url: str | None) -> str:
-    """Return `url` with any password replaced by `***` (safe for logs and errors)."""
+    """Return `url` with any password replaced by `***` (safe for logs and errors).
+
+    Covers `scheme://user:password@host/...` and `?password=...` query values.
+    """
     if not url:
         return ""
+    url = _QUERY_SECRET.sub(r"\1***", str(url))
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
@@ -69,6 +80,23 @@ def mask_url(url: str | None) -> str:
         user = userinfo.split(":", 1)[0]
         userinfo = f"{user}:***"
     return f"{scheme}://{userinfo}@{hostpart}{slash}{tail}"
+
+
+DB_SCHEMES = ("postgresql", "postgres", "sqlite")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _check_scheme(url: SecretStr | None, allowed: tuple[str, ...], example: str) -> SecretStr | None:
+    """Validate a URL's scheme without ever echoing the URL (it may hold a password)."""
+    if url is None:
+        return None
+    scheme, sep, rest = url.get_secret_value().partition("://")
+    backend = scheme.split("+", 1)[0].lower()
+    if not sep or backend not in allowed:
+        raise ValueError(f"expected a URL such as {example} (scheme one of {', '.join(allowed)})")
+    if backend != "sqlite" and not rest.strip("/"):
+        raise ValueError(f"expected a URL such as {example} (no host given)")
+    return url
 
 
 class SornaConfig(BaseSettings):
@@ -125,7 +153,10 @@ class SornaConfig(BaseSettings):
     agent_port: int = Field(default=6001, ge=0, le=65535)
     agent_rpc_addr: str | None = Field(default=None, description="tcp://IP:PORT to bind")
     agent_advertise_host: str | None = None
-    agent_managers: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:5002"])
+    agent_managers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["tcp://127.0.0.1:5002"],
+        description="comma-separated manager event addresses",
+    )
     agent_instance_id: str | None = None
     agent_max_kernels: int = Field(default=16, ge=1)
     agent_pool_size: int = Field(default=2, ge=0, le=64)
@@ -149,8 +180,24 @@ class SornaConfig(BaseSettings):
     @classmethod
     def _managers(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError:
+                    raise ValueError("expected a JSON list or comma-separated addresses") from None
+            return [item.strip() for item in text.split(",") if item.strip()]
         return value
+
+    @field_validator("db_url")
+    @classmethod
+    def _db_url(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_scheme(value, DB_SCHEMES, "postgresql://user:password@host:5432/sorna")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_scheme(value, REDIS_SCHEMES, "redis://host:6379")
 
     @field_validator("log_level")
     @classmethod
@@ -223,15 +270,32 @@ class SornaConfig(BaseSettings):
         return self.agent_rpc_addr or f"tcp://0.0.0.0:{self.agent_port}"
 
 
-def _format_validation_error(exc: ValidationError, origin: str) -> str:
+_SECRET_NAMES = ("password", "_url", "secret", "_key")
+
+
+def _origin_of(name: str, overrides: dict[str, Any], toml_path: Path | None) -> str:
+    """Say where the winning value of setting `name` came from (flag > env > file)."""
+    if name in overrides:
+        return "from the command line"
+    env_name = f"SORNA_{name.upper()}"
+    if any(key.upper() == env_name for key in os.environ):
+        return f"from environment {env_name}"
+    if toml_path is not None:
+        return f"from {toml_path}"
+    return "default"
+
+
+def _format_validation_error(exc: ValidationError, overrides: dict[str, Any],
+                             toml_path: Path | None) -> str:
     first = exc.errors()[0]
-    name = ".".join(str(part) for part in first["loc"]) or "config"
-    message = first["msg"]
+    name = ".".join(str(part) for part in first["loc"][:1]) or "config"
+    message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        return f"unknown setting {name!r} in {origin}"
+        return f"unknown setting {name!r} in {toml_path or 'the given settings'}"
     value = first.get("input")
-    shown = "" if name.endswith(("password", "_url")) or isinstance(value, dict) else f" (got {value!r})"
-    return f"invalid setting {name}: {message}{shown}"
+    secret = name.endswith(_SECRET_NAMES) or isinstance(value, (dict, list))
+    shown = "" if secret else f" (got {value!r})"
+    return f"invalid setting {name} ({_origin_of(name, overrides, toml_path)}): {message}{shown}"
 
 
 def load_config(config_file: str | os.PathLike | None = None, **overrides: Any) -> SornaConfig:
@@ -262,7 +326,10 @@ def load_config(config_file: str | os.PathLike | None = None, **overrides: Any) 
     try:
         config = settings_cls(**given)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, str(path))) from None
+        toml_path = path if path.is_file() else None
+        raise ConfigError(_format_validation_error(exc, given, toml_path)) from None
+    except SettingsError as exc:  # a value the source could not even parse
+        raise ConfigError(str(exc).splitlines()[0]) from None
     if (config.ssl_cert is None) != (config.ssl_key is None):
         raise ConfigError("invalid setting ssl_cert/ssl_key: give both or neither")
     return config

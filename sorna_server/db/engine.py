@@ -1,6 +1,8 @@
 """Async engines for the configured database (asyncpg or aiosqlite)."""
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import sqlalchemy as sa
@@ -45,13 +47,46 @@ def create_engine(config: SornaConfig, **kwargs: Any) -> AsyncEngine:
         engine = create_async_engine(url, **kwargs)
         sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    kwargs.setdefault("pool_size", 8)
-    kwargs.setdefault("max_overflow", 16)
+    if "poolclass" not in kwargs:
+        kwargs.setdefault("pool_size", 8)
+        kwargs.setdefault("max_overflow", 16)
     kwargs.setdefault("pool_pre_ping", True)
+    # asyncpg waits 60 s by default for an unreachable host; fail sooner.
+    kwargs.setdefault("connect_args", {"timeout": CONNECT_TIMEOUT})
     return create_async_engine(url, **kwargs)
 
 
+CONNECT_TIMEOUT = 10.0
+
+
 def describe_failure(config: SornaConfig, exc: BaseException) -> str:
+    """One line: the masked URL and the first line of the reason."""
     reason = getattr(exc, "orig", None) or exc
-    text = str(reason).strip().splitlines()[0] if str(reason).strip() else reason.__class__.__name__
+    text = str(reason).strip()
+    # asyncpg errors adapted by SQLAlchemy read "<class 'asyncpg...Error'>: message".
+    if text.startswith("<class '") and "'>: " in text:
+        text = text.split("'>: ", 1)[1]
+    text = text.splitlines()[0] if text else reason.__class__.__name__
+    if isinstance(reason, TimeoutError) and not str(reason):
+        text = "timed out"
     return f"cannot reach database {mask_url(config.database_url)}: {text}"
+
+
+async def check_connection(engine: AsyncEngine, config: SornaConfig) -> None:
+    """Open one connection and run `SELECT 1`; raise DatabaseUnavailable if that fails."""
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+    except Exception as exc:  # any failure to connect means "unavailable"
+        raise DatabaseUnavailable(describe_failure(config, exc)) from exc
+
+
+@asynccontextmanager
+async def open_database(config: SornaConfig, **kwargs: Any) -> AsyncIterator[AsyncEngine]:
+    """An engine whose database answered a first query; disposed on exit."""
+    engine = create_engine(config, **kwargs)
+    try:
+        await check_connection(engine, config)
+        yield engine
+    finally:
+        await engine.dispose()
