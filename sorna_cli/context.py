@@ -7,7 +7,8 @@ context with `ctx.with_resource` / `ctx.call_on_close`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import click
@@ -15,6 +16,27 @@ import click
 from sorna_server.config import SornaConfig, load_config
 
 T = TypeVar("T")
+
+# Exit codes shared by every command.
+EXIT_FAILURE = 1     # the operation failed or was refused (database unreachable, ...)
+EXIT_USAGE = 2       # bad input: flags, config values, unknown names, malformed files
+
+
+class OperatorError(click.ClickException):
+    """An error with a one-line message (how to fix it) and a chosen exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextmanager
+def operator_errors(*types: type[BaseException], exit_code: int = EXIT_FAILURE) -> Iterator[None]:
+    """Turn the given core exceptions into one-line CLI errors."""
+    try:
+        yield
+    except types as exc:
+        raise OperatorError(str(exc), exit_code) from exc
 
 
 class CliContext:

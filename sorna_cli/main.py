@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import sys
 from typing import Any
@@ -11,7 +12,7 @@ import click
 from sorna_server import __version__
 from sorna_server.config import ConfigError
 
-from .context import CliContext
+from .context import CliContext, OperatorError  # noqa: F401  (OperatorError re-exported)
 
 # command name -> "module:attribute"; modules are imported only when used.
 COMMANDS = {
@@ -26,15 +27,24 @@ COMMANDS = {
 
 
 class LazyGroup(click.Group):
+    """Imports a command's module only when that command (or `--help`) needs it."""
+
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
+        return sorted(name for name, target in COMMANDS.items()
+                      if importlib.util.find_spec(target.split(":")[0]) is not None)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         target = COMMANDS.get(cmd_name)
         if target is None:
             return None
         module_name, attr = target.split(":")
-        return getattr(importlib.import_module(module_name), attr)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:   # a real missing dependency: say so loudly
+                raise
+            return None                   # this build has no such command module
+        return getattr(module, attr)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,14 +61,6 @@ class LazyGroup(click.Group):
 def cli(ctx: click.Context, config_file: str | None, debug: bool | None, **overrides: Any) -> None:
     """Sorna: run code in remote, sandboxed kernels."""
     ctx.obj = CliContext(config_file, {**overrides, "debug": debug}, bool(debug))
-
-
-class OperatorError(click.ClickException):
-    """An error with a one-line message and a chosen exit code."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def _configure_logging(debug: bool) -> None:

@@ -11,6 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print JSON for scripts instead of a table.")
+
+
 def _default(value: Any) -> Any:
     if isinstance(value, (datetime, date)):
         return value.isoformat()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import re
 import secrets
+from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -59,7 +60,12 @@ def _check(access_key: str, secret_key: str, user_id: int, concurrency_limit: in
 
 
 def _as_dict(row: sa.Row) -> dict[str, Any]:
-    return dict(row._mapping)
+    values = dict(row._mapping)
+    for name, value in values.items():
+        # SQLite hands back naive date-times; they were stored in UTC.
+        if isinstance(value, datetime) and value.tzinfo is None:
+            values[name] = value.replace(tzinfo=timezone.utc)
+    return values
 
 
 async def create_keypair(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 import sorna_server
 
@@ -207,6 +209,15 @@ async def require_schema(conn: AsyncConnection, config: SornaConfig) -> None:
     if missing:
         raise SchemaMissing(f"database {mask_url(config.database_url)} has no Sorna schema "
                             f"(missing {', '.join(missing)}); run `sorna schema oneshot head`")
+
+
+@asynccontextmanager
+async def open_ready_database(config: SornaConfig) -> AsyncIterator[AsyncEngine]:
+    """An engine on a reachable database that has Sorna's tables; disposed on exit."""
+    async with open_database(config) as engine:
+        async with engine.connect() as conn:
+            await require_schema(conn, config)
+        yield engine
 
 
 def history(config: SornaConfig, *, ini_file: str | os.PathLike | None = None) -> list[dict[str, Any]]:

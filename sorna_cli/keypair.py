@@ -1,0 +1,123 @@
+"""`sorna keypair`: generate, create, list and deactivate API keypairs."""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from sorna_server import keypairs as core
+from sorna_server.schema import SchemaMissing, open_ready_database
+
+from .context import EXIT_USAGE, CliContext, operator_errors, pass_cli, run_async
+from .output import json_option, print_json, print_table
+
+LIST_COLUMNS = ("access_key", "secret_key", "user_id", "is_active", "billing_plan",
+                "concurrency_limit", "concurrency_used", "rate_limit", "num_queries",
+                "created_at", "last_used")
+
+
+@click.group()
+def keypair() -> None:
+    """Manage API keypairs."""
+
+
+def _show_pair(access_key: str, secret_key: str) -> None:
+    click.echo(f"access key: {access_key}")
+    click.echo(f"secret key: {secret_key}")
+
+
+@keypair.command()
+@json_option
+def generate(as_json: bool) -> None:
+    """Print a new random keypair (nothing is stored)."""
+    access_key, secret_key = core.generate_keypair()
+    if as_json:
+        print_json({"access_key": access_key, "secret_key": secret_key})
+    else:
+        _show_pair(access_key, secret_key)
+
+
+async def _with_engine(cli: CliContext, action: Any, *args: Any, **kwargs: Any) -> Any:
+    async with open_ready_database(cli.config) as engine:
+        return await action(engine, *args, **kwargs)
+
+
+@keypair.command()
+@click.option("--user-id", type=int, required=True, help="Owner of the keypair.")
+@click.option("--concurrency-limit", type=click.IntRange(min=0),
+              default=core.DEFAULT_CONCURRENCY_LIMIT, show_default=True,
+              help="Kernels the keypair may run at once.")
+@click.option("--rate-limit", type=click.IntRange(min=1), default=core.DEFAULT_RATE_LIMIT,
+              show_default=True, help="Requests per 15-minute window.")
+@click.option("--billing-plan", default=core.DEFAULT_BILLING_PLAN, show_default=True)
+@click.option("--access-key", help="Use this access key (with --secret-key) instead of a new one.")
+@click.option("--secret-key", help="Use this secret key (with --access-key).")
+@json_option
+@pass_cli
+def create(cli: CliContext, user_id: int, concurrency_limit: int, rate_limit: int,
+           billing_plan: str, access_key: str | None, secret_key: str | None,
+           as_json: bool) -> None:
+    """Store a keypair for a user and print it."""
+    # the innermost (last) handler sees the error first: specific ones go last.
+    with operator_errors(core.KeypairError, exit_code=EXIT_USAGE), \
+            operator_errors(core.KeypairExists, SchemaMissing):
+        row = run_async(_with_engine(
+            cli, core.create_keypair, user_id, concurrency_limit=concurrency_limit,
+            rate_limit=rate_limit, billing_plan=billing_plan,
+            access_key=access_key, secret_key=secret_key))
+    if as_json:
+        print_json(row)
+    else:
+        _show_pair(row["access_key"], row["secret_key"])
+
+
+@keypair.command(name="list")
+@click.option("--show-secret", is_flag=True, help="Include the secret keys.")
+@click.option("--user-id", type=int, help="Only this user's keypairs.")
+@click.option("--active-only", is_flag=True, help="Only active keypairs.")
+@json_option
+@pass_cli
+def list_(cli: CliContext, show_secret: bool, user_id: int | None, active_only: bool,
+          as_json: bool) -> None:
+    """List keypairs (secret keys hidden unless --show-secret)."""
+    with operator_errors(SchemaMissing):
+        rows = run_async(_with_engine(cli, core.list_keypairs, user_id=user_id,
+                                      active_only=active_only))
+    if not show_secret:
+        for row in rows:
+            row.pop("secret_key", None)
+    if as_json:
+        print_json(rows)
+        return
+    columns = [c for c in LIST_COLUMNS if show_secret or c != "secret_key"]
+    print_table(columns, ([row[c] for c in columns] for row in rows))
+
+
+def _set_active(cli: CliContext, access_key: str, active: bool, as_json: bool) -> None:
+    with operator_errors(core.KeypairNotFound, SchemaMissing):
+        changed = run_async(_with_engine(cli, core.set_keypair_active, access_key, active))
+    state = "active" if active else "inactive"
+    if as_json:
+        print_json({"access_key": access_key, "is_active": active, "changed": changed})
+    elif changed:
+        click.echo(f"Keypair {access_key} is now {state}.")
+    else:
+        click.echo(f"Keypair {access_key} was already {state}.")
+
+
+@keypair.command()
+@click.argument("access_key")
+@json_option
+@pass_cli
+def deactivate(cli: CliContext, access_key: str, as_json: bool) -> None:
+    """Refuse requests signed with ACCESS_KEY from now on."""
+    _set_active(cli, access_key, False, as_json)
+
+
+@keypair.command()
+@click.argument("access_key")
+@json_option
+@pass_cli
+def activate(cli: CliContext, access_key: str, as_json: bool) -> None:
+    """Accept requests signed with ACCESS_KEY again."""
+    _set_active(cli, access_key, True, as_json)
