@@ -12,7 +12,12 @@ import click
 from sorna_server import __version__
 from sorna_server.config import ConfigError
 
-from .context import CliContext, OperatorError  # noqa: F401  (OperatorError re-exported)
+from .context import (  # noqa: F401  (OperatorError re-exported for command modules)
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    CliContext,
+    OperatorError,
+)
 
 # command name -> "module:attribute"; modules are imported only when used.
 COMMANDS = {
@@ -47,7 +52,53 @@ class LazyGroup(click.Group):
         return getattr(module, attr)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+class SornaGroup(LazyGroup):
+    """The root group; its `main` is the error boundary, so CliRunner tests exercise it too.
+
+    Errors become one line on stderr and a non-zero exit (no traceback unless
+    `--debug`): 1 = the operation failed (e.g. database unreachable), 2 = bad input.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None,  # type: ignore[override]
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in argv
+        try:
+            result = super().main(argv, prog_name or "sorna", complete_var,
+                                  standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except ConfigError as exc:
+            if debug:
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except Exception as exc:  # the boundary: one line unless --debug
+            if debug:
+                raise
+            from sorna_server.db.engine import DatabaseUnavailable
+
+            if isinstance(exc, DatabaseUnavailable):
+                click.echo(f"Error: {exc}", err=True)
+                sys.exit(EXIT_FAILURE)
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            click.echo(f"Error: {exc.__class__.__name__}: {text} (run with --debug for details)",
+                       err=True)
+            sys.exit(EXIT_FAILURE)
+        if isinstance(result, int) and result:   # ctx.exit(N) under standalone_mode=False
+            sys.exit(result)
+        return result
+
+
+@click.group(cls=SornaGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="Config file (default ./sorna.toml; env SORNA_CONFIG).")
 @click.option("--data-dir", type=click.Path(file_okay=False),
@@ -73,33 +124,5 @@ def _configure_logging(debug: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args
-    _configure_logging(debug)
-    try:
-        cli.main(args=args, prog_name="sorna", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(130)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except ConfigError as exc:
-        if debug:
-            raise
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as exc:  # the boundary: one line unless --debug
-        if debug:
-            raise
-        from sorna_server.db.engine import DatabaseUnavailable
-
-        if isinstance(exc, DatabaseUnavailable):
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(1)
-        click.echo(f"Error: {exc.__class__.__name__}: {exc} (run with --debug for details)",
-                   err=True)
-        sys.exit(1)
+    _configure_logging("--debug" in args)
+    cli.main(args, prog_name="sorna")
