@@ -1,0 +1,99 @@
+"""Warm pool: runner processes started ahead of time, one deque per language.
+
+A pooled runner has paid interpreter start-up, its imports and its sandbox
+set-up (namespaces, uid, working directory) already; `create_kernel` only
+assigns it.  Taking one schedules a refill in the background.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Awaitable, Callable
+
+from .languages import Language
+from .process import RunnerProcess
+
+log = logging.getLogger(__name__)
+
+Spawner = Callable[[Language], Awaitable[RunnerProcess]]
+Discarder = Callable[[RunnerProcess], Awaitable[None]]
+
+
+class WarmPool:
+    def __init__(self, languages: dict[str, Language], size: int, spawn: Spawner,
+                 discard: Discarder):
+        self.languages = languages
+        self.size = size
+        self.spawn = spawn
+        self.discard = discard
+        self.ready: dict[str, collections.deque[RunnerProcess]] = {
+            name: collections.deque() for name in languages}
+        self._refills: dict[str, asyncio.Task] = {}
+        self.closing = False
+
+    def fill_all(self) -> None:
+        for name in self.languages:
+            self._schedule_refill(name)
+
+    def _schedule_refill(self, name: str) -> None:
+        if self.size <= 0 or self.closing:
+            return
+        task = self._refills.get(name)
+        if task is None or task.done():
+            self._refills[name] = asyncio.create_task(self._refill(name), name=f"pool-{name}")
+
+    async def _refill(self, name: str) -> None:
+        failures = 0
+        queue = self.ready[name]
+        while not self.closing and len(queue) < self.size:
+            try:
+                runner = await self.spawn(self.languages[name])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                log.warning("warm pool: cannot start a %s runner: %s", name, exc)
+                if failures >= 3:
+                    return
+                await asyncio.sleep(0.5 * failures)
+                continue
+            if self.closing:
+                await self.discard(runner)
+                return
+            runner.on_exit = self._on_pooled_exit
+            queue.append(runner)
+
+    def _on_pooled_exit(self, runner: RunnerProcess) -> None:
+        queue = self.ready.get(runner.lang.name)
+        if queue is not None and runner in queue:
+            queue.remove(runner)
+            asyncio.get_running_loop().create_task(self.discard(runner))
+            self._schedule_refill(runner.lang.name)
+
+    async def take(self, lang: Language) -> RunnerProcess:
+        """A ready runner for `lang`: from the pool if any, else started now."""
+        queue = self.ready[lang.name]
+        runner = None
+        while queue:
+            candidate = queue.popleft()
+            if candidate.alive:
+                runner = candidate
+                break
+            asyncio.get_running_loop().create_task(self.discard(candidate))
+        self._schedule_refill(lang.name)
+        if runner is None:
+            runner = await self.spawn(lang)
+        runner.on_exit = None
+        return runner
+
+    async def close(self) -> None:
+        self.closing = True
+        tasks = list(self._refills.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        runners = [runner for queue in self.ready.values() for runner in queue]
+        for queue in self.ready.values():
+            queue.clear()
+        await asyncio.gather(*(self.discard(r) for r in runners), return_exceptions=True)

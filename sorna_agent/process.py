@@ -1,0 +1,190 @@
+"""One runner process (see runner.py) as the agent sees it: spawn, talk, kill."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .languages import Language
+from .sandbox import Isolation, kill_uid
+
+log = logging.getLogger(__name__)
+
+RUNNER_FILE = Path(__file__).with_name("runner.py")
+HEADER = struct.Struct(">I")
+READY_TIMEOUT = 20.0
+
+
+class RunnerDied(Exception):
+    """The runner process went away while we waited for it."""
+
+
+class RunnerProcess:
+    """A started runner: its control channel, pids, uid and working directory."""
+
+    def __init__(self, lang: Language, uid: int | None, workdir: Path):
+        self.lang = lang
+        self.uid = uid
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None          # the kernel process (outer pid)
+        self.init_pid: int | None = None     # PID 1 of its namespace, when it has one
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.alive = False
+        self.killed = False
+        self.on_exit: Callable[["RunnerProcess"], None] | None = None
+        self._pump_task: asyncio.Task | None = None
+
+    def spec(self, fd: int, isolation: Isolation, rlimits: dict[str, int],
+             max_output: int) -> str:
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(self.workdir),
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "PYTHONIOENCODING": "utf-8",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "TERM": "xterm-256color",
+        }
+        return json.dumps({
+            "fd": fd,
+            "kind": self.lang.kind,
+            "shell": self.lang.shell,
+            "workdir": str(self.workdir),
+            "uid": self.uid if isolation.uid_switch else None,
+            "gid": self.uid if isolation.uid_switch else None,
+            "unshare_net": isolation.net_ns,
+            "unshare_pid": isolation.pid_ns,
+            "rlimits": rlimits,
+            "max_output": max_output,
+            "env": env,
+        })
+
+    async def start(self, isolation: Isolation, rlimits: dict[str, int], max_output: int) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            spec = self.spec(theirs.fileno(), isolation, rlimits, max_output)
+            self.proc = subprocess.Popen(
+                [self.lang.python, "-u", "-B", str(RUNNER_FILE), spec],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=None, start_new_session=True,
+                cwd="/", env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"})
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.reader, self.writer = await asyncio.open_unix_connection(sock=ours)
+        self.alive = True
+        self._pump_task = asyncio.create_task(self._pump(), name=f"runner-{self.proc.pid}")
+        try:
+            ready = await asyncio.wait_for(self.receive(), READY_TIMEOUT)
+        except (TimeoutError, RunnerDied):
+            await self.kill()
+            raise RunnerDied("the runner did not start") from None
+        if ready.get("type") != "ready":
+            await self.kill()
+            raise RunnerDied(f"unexpected first message {ready!r}")
+        self.pid = int(ready["pid"])
+        self.init_pid = ready.get("init_pid")
+
+    async def _pump(self) -> None:
+        assert self.reader is not None
+        try:
+            while True:
+                header = await self.reader.readexactly(HEADER.size)
+                (size,) = HEADER.unpack(header)
+                body = await self.reader.readexactly(size)
+                self.inbox.put_nowait(json.loads(body))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError):
+            pass
+        finally:
+            self.alive = False
+            self.inbox.put_nowait(None)
+            if self.on_exit is not None and not self.killed:
+                self.on_exit(self)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if not self.alive or self.writer is None:
+            raise RunnerDied("the kernel process is gone")
+        data = json.dumps(msg, ensure_ascii=False).encode("utf-8", "surrogateescape")
+        self.writer.write(HEADER.pack(len(data)) + data)
+
+    async def receive(self) -> dict[str, Any]:
+        msg = await self.inbox.get()
+        if msg is None:
+            self.inbox.put_nowait(None)  # later readers see the end too
+            raise RunnerDied("the kernel process is gone")
+        return msg
+
+    async def request(self, msg: dict[str, Any]) -> dict[str, Any]:
+        self.send(msg)
+        return await self.receive()
+
+    def interrupt(self) -> None:
+        if self.pid and self.alive:
+            try:
+                os.kill(self.pid, signal.SIGINT)
+            except OSError:
+                pass
+
+    async def kill(self) -> None:
+        """Kill the kernel and everything it started; wait until it is gone."""
+        self.killed = True
+        for pid in (self.init_pid, self.pid):
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        if self.proc is not None:
+            if self.init_pid is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            try:
+                self.proc.kill()
+            except OSError:
+                pass
+            await wait_process(self.proc)
+        if self.writer is not None:
+            self.writer.close()
+        if self._pump_task is not None:
+            await asyncio.gather(self._pump_task, return_exceptions=True)
+        if self.uid is not None and self.init_pid is None:
+            await asyncio.get_running_loop().run_in_executor(None, kill_uid, self.uid)
+        self.alive = False
+
+
+async def wait_process(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
+    """Wait for a child without blocking the loop (pidfd) and reap it."""
+    if proc.poll() is not None:
+        return proc.returncode
+    loop = asyncio.get_running_loop()
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (OSError, AttributeError):
+        return await loop.run_in_executor(None, proc.wait)
+    done = loop.create_future()
+    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+    try:
+        await asyncio.wait_for(done, timeout)
+    except TimeoutError:
+        log.warning("process %s did not exit within %.0f s", proc.pid, timeout)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    return proc.poll()
+
+

@@ -1,0 +1,176 @@
+"""The interactive terminal of a kernel, bridged to two ZeroMQ ports.
+
+The agent binds a SUB socket (stdin port; raw bytes in) and a PUB socket
+(stdout port; raw bytes out) per kernel.  The terminal process (the language's
+`interactive` command) starts on the first stdin bytes, on a pseudo-terminal,
+inside the kernel's namespaces and as the kernel's uid (via nsenter when the
+agent is root).  When it exits, the next stdin bytes start a new one.
+"""
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import resource
+import signal
+import struct
+import subprocess
+import termios
+from typing import TYPE_CHECKING
+
+import zmq
+import zmq.asyncio
+
+from .process import wait_process
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROWS, DEFAULT_COLS = 24, 80
+
+
+class PtySession:
+    def __init__(self, ctx: zmq.asyncio.Context, bind_host: str, kernel: "Kernel"):
+        self.ctx = ctx
+        self.bind_host = bind_host
+        self.kernel = kernel
+        self.rows, self.cols = DEFAULT_ROWS, DEFAULT_COLS
+        self.stdin_sock = ctx.socket(zmq.SUB)
+        self.stdin_sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.stdin_sock.setsockopt(zmq.LINGER, 0)
+        self.stdout_sock = ctx.socket(zmq.PUB)
+        self.stdout_sock.setsockopt(zmq.LINGER, 0)
+        self.stdin_port = self.stdin_sock.bind_to_random_port(f"tcp://{bind_host}")
+        self.stdout_port = self.stdout_sock.bind_to_random_port(f"tcp://{bind_host}")
+        self._stdout_sync = zmq.Socket.shadow(self.stdout_sock.underlying)
+        self.proc: subprocess.Popen | None = None
+        self.master: int | None = None
+        self._task = asyncio.create_task(self._stdin_loop(), name=f"pty-{kernel.id}")
+
+    async def _stdin_loop(self) -> None:
+        while True:
+            frames = await self.stdin_sock.recv_multipart()
+            data = b"".join(frames)
+            if not data:
+                continue
+            self.kernel.touch()
+            try:
+                if self.master is None:
+                    self._start()
+                self._write(data)
+            except Exception:
+                log.exception("kernel %s: terminal input failed", self.kernel.id)
+
+    def _write(self, data: bytes) -> None:
+        assert self.master is not None
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self.master, view)
+            except BlockingIOError:
+                log.debug("kernel %s: terminal input dropped (terminal not reading)",
+                          self.kernel.id)
+                return
+            view = view[written:]
+
+    def _command(self) -> list[str]:
+        kernel = self.kernel
+        command = list(kernel.lang.interactive) or ["/bin/sh"]
+        runner = kernel.runner
+        iso = kernel.isolation
+        if not iso.uid_switch or runner is None or not runner.pid:
+            return command
+        wrapper = ["nsenter", "-t", str(runner.pid)]
+        if iso.net_ns:
+            wrapper.append("-n")
+        if iso.pid_ns:
+            wrapper.append("-p")
+        wrapper += ["-S", str(kernel.uid), "-G", str(kernel.uid), "--wd", "--"]
+        return wrapper + command
+
+    def _start(self) -> None:
+        master, slave = os.openpty()
+        self._set_size(slave)
+        limits = self.kernel.rlimits()
+        uid_switch = self.kernel.isolation.uid_switch
+
+        def prepare_child() -> None:  # runs in the child between fork and exec
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            for name, value in limits.items():
+                if name == "nproc" and not uid_switch:
+                    continue
+                which = {"as": resource.RLIMIT_AS, "cpu": resource.RLIMIT_CPU,
+                         "nproc": resource.RLIMIT_NPROC, "fsize": resource.RLIMIT_FSIZE,
+                         "core": resource.RLIMIT_CORE}[name]
+                resource.setrlimit(which, (value, value))
+
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(self.kernel.workdir),
+               "TERM": "xterm-256color", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+        try:
+            self.proc = subprocess.Popen(
+                self._command(), stdin=slave, stdout=slave, stderr=slave,
+                cwd=str(self.kernel.workdir), env=env, preexec_fn=prepare_child,
+                close_fds=True)
+        finally:
+            os.close(slave)
+        os.set_blocking(master, False)
+        self.master = master
+        asyncio.get_running_loop().add_reader(master, self._on_output)
+        log.debug("kernel %s: terminal started (pid %s)", self.kernel.id, self.proc.pid)
+
+    def _on_output(self) -> None:
+        assert self.master is not None
+        try:
+            data = os.read(self.master, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._stop_terminal()
+            return
+        try:
+            self._stdout_sync.send(data, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def _set_size(self, fd: int) -> None:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", self.rows, self.cols, 0, 0))
+
+    def resize(self, rows: int, cols: int) -> None:
+        self.rows, self.cols = rows, cols
+        if self.master is not None:
+            self._set_size(self.master)
+            if self.proc is not None and self.proc.poll() is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGWINCH)
+                except OSError:
+                    pass
+
+    def _stop_terminal(self) -> None:
+        if self.master is not None:
+            asyncio.get_running_loop().remove_reader(self.master)
+            os.close(self.master)
+            self.master = None
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            asyncio.get_running_loop().create_task(wait_process(proc, 5.0))
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        proc = self.proc
+        self._stop_terminal()
+        if proc is not None:
+            await wait_process(proc, 5.0)
+        self.stdin_sock.close(linger=0)
+        self.stdout_sock.close(linger=0)

@@ -1,0 +1,650 @@
+"""The reference agent: RPC server, kernel lifecycle, events, shutdown.
+
+Every RPC request runs in its own task, so a slow kernel never delays calls
+for other kernels; calls that run code in one kernel are serialised by that
+kernel's lock.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import signal
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+from urllib.parse import urlsplit
+
+import psutil
+import zmq
+import zmq.asyncio
+
+from sorna_server import __version__
+from sorna_server import agent_protocol as proto
+from sorna_server.config import SornaConfig, parse_size
+
+from .events import EventSender
+from .kernel import Kernel, KernelLimits, rlimits_for
+from .languages import Language, load_catalogue
+from .pool import WarmPool
+from .process import RunnerDied, RunnerProcess
+from .pty import PtySession
+from .sandbox import (Isolation, UidPool, make_workdir, probe_isolation, remove_workdir,
+                      write_upload)
+from .stats import measure
+
+log = logging.getLogger("sorna_agent")
+
+INTERRUPT_GRACE = 1.0       # seconds a run gets to stop after SIGINT before a kill + restart
+COMPLETE_TIMEOUT = 5.0
+SHUTDOWN_LINGER = 3.0       # seconds to deliver the last events at shutdown
+MAX_KERNEL_ID = 128
+
+
+class RPCError(Exception):
+    def __init__(self, err_type: str, message: str, **details: Any):
+        super().__init__(message)
+        self.type = err_type
+        self.message = message
+        self.details = details
+
+
+def split_bind_addr(addr: str) -> tuple[str, int]:
+    parts = urlsplit(addr)
+    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+        raise ValueError(f"expected tcp://IP:PORT, got {addr!r}")
+    return parts.hostname, parts.port
+
+
+def _advertise_host(bind_host: str, configured: str | None) -> str:
+    if configured:
+        return configured
+    if bind_host not in ("0.0.0.0", "*", "::"):
+        return bind_host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+class Agent:
+    def __init__(self, config: SornaConfig):
+        self.config = config
+        self.instance_id = config.agent_instance_id or f"i-{socket.gethostname()}"
+        self.bind_host, self.port = split_bind_addr(config.agent_bind_addr)
+        self.addr = f"tcp://{_advertise_host(self.bind_host, config.agent_advertise_host)}" \
+                    f":{self.port}"
+        self.scratch = Path(config.agent_scratch_dir or (config.data_dir / "agent-scratch"))
+        self.isolation = Isolation(False, False, False)
+        self.languages: dict[str, Language] = {}
+        self.kernels: dict[str, Kernel] = {}
+        self.creating = 0
+        self.uids: UidPool | None = None
+        self.pool: WarmPool | None = None
+        self.events: EventSender | None = None
+        self.ctx: zmq.asyncio.Context | None = None
+        self.rpc: zmq.asyncio.Socket | None = None
+        self.stopping = asyncio.Event()
+        self.tasks: set[asyncio.Task] = set()       # loops and requests: cancelled at stop
+        self.cleanups: set[asyncio.Task] = set()    # kernel terminations: awaited at stop
+        self.methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+            "ping": self.rpc_ping,
+            "create_kernel": self.rpc_create_kernel,
+            "destroy_kernel": self.rpc_destroy_kernel,
+            "restart_kernel": self.rpc_restart_kernel,
+            "execute": self.rpc_execute,
+            "upload_file": self.rpc_upload_file,
+            "resize_pty": self.rpc_resize_pty,
+            "list_kernels": self.rpc_list_kernels,
+            "reset": self.rpc_reset,
+        }
+
+    # --- start and stop ------------------------------------------------------
+
+    async def start(self) -> None:
+        self.isolation = probe_isolation()
+        self.languages = load_catalogue(for_other_users=self.isolation.uid_switch)
+        if not self.languages:
+            raise RuntimeError("no language of the catalogue has a usable interpreter")
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        uid_count = self.config.agent_max_kernels + self.config.agent_pool_size * \
+            len(self.languages) + 8
+        self.uids = UidPool(self.instance_id, uid_count)
+        self.ctx = zmq.asyncio.Context()
+        self.rpc = self.ctx.socket(zmq.ROUTER)
+        self.rpc.setsockopt(zmq.LINGER, 0)
+        self.rpc.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.rpc.bind(self.config.agent_bind_addr)
+        self.events = EventSender(self.ctx, self.instance_id, self.config.agent_managers)
+        self.events.start()
+        self.pool = WarmPool(self.languages, self.config.agent_pool_size, self.spawn_runner,
+                             self.discard_runner)
+        self.pool.fill_all()
+        log.info("agent %s listening on %s (advertised %s), managers %s",
+                 self.instance_id, self.config.agent_bind_addr, self.addr,
+                 ", ".join(self.config.agent_managers) or "none")
+        log.info("isolation: %s", self.isolation.describe())
+        log.info("languages: %s; warm pool %d per language; max %d kernels",
+                 ", ".join(sorted(self.languages)), self.config.agent_pool_size,
+                 self.config.agent_max_kernels)
+        self.events.emit("instance_started", info=self.info())
+        for coro in (self._serve_rpc(), self._heartbeats(), self._stats_loop(),
+                     self._idle_sweeper()):
+            self._spawn_task(coro)
+
+    def _spawn_task(self, coro: Awaitable[Any], *, cleanup: bool = False) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        group = self.cleanups if cleanup else self.tasks
+        group.add(task)
+        task.add_done_callback(group.discard)
+        return task
+
+    async def shutdown(self, reason: str = "shutdown") -> None:
+        log.info("shutting down: destroying %d kernels", len(self.kernels))
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        await asyncio.gather(*list(self.cleanups), return_exceptions=True)
+        if self.pool is not None:
+            await self.pool.close()
+        await asyncio.gather(*(self.terminate(k, proto.REASON_AGENT_SHUTDOWN)
+                               for k in list(self.kernels.values())), return_exceptions=True)
+        if self.events is not None:
+            self.events.emit("instance_terminated", reason=reason)
+            await self.events.close(SHUTDOWN_LINGER)
+        if self.rpc is not None:
+            self.rpc.close(linger=0)
+        if self.ctx is not None:
+            self.ctx.term()
+        log.info("agent %s stopped", self.instance_id)
+
+    # --- facts ----------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "addr": self.addr,
+            "max_kernels": self.config.agent_max_kernels,
+            "num_kernels": len(self.kernels),
+            "languages": sorted(self.languages),
+            "version": __version__,
+            "cpu_count": psutil.cpu_count() or 1,
+            "mem_bytes": psutil.virtual_memory().total,
+            "isolation": self.isolation.as_info(),
+        }
+
+    def max_limits(self, lang: Language) -> KernelLimits:
+        cfg = self.config
+        own = lang.limits
+        return KernelLimits(
+            exec_timeout=min(cfg.agent_exec_timeout, float(own.get("exec_timeout", math.inf))),
+            max_mem=min(cfg.agent_max_mem, int(own.get("max_mem", cfg.agent_max_mem))),
+            idle_timeout=cfg.agent_idle_timeout,
+            max_output=min(cfg.agent_max_output, int(own.get("max_output", cfg.agent_max_output))),
+            cpu_time=max(1, math.ceil(cfg.agent_max_cpu_time)),
+            max_procs=min(cfg.agent_max_procs, int(own.get("max_procs", cfg.agent_max_procs))),
+            max_file_size=cfg.agent_max_file_size,
+        )
+
+    # --- runner processes -------------------------------------------------------
+
+    async def spawn_runner(self, lang: Language, uid: int | None = None,
+                           workdir: Path | None = None,
+                           limits: KernelLimits | None = None) -> RunnerProcess:
+        assert self.uids is not None
+        own_uid = uid is None and self.isolation.uid_switch
+        if own_uid:
+            uid = self.uids.take()
+        own_dir = workdir is None
+        try:
+            if workdir is None:
+                workdir = make_workdir(self.scratch, f"k-{uuid.uuid4().hex[:16]}", uid)
+            runner = RunnerProcess(lang, uid, workdir)
+            limits = limits or self.max_limits(lang)
+            try:
+                await runner.start(self.isolation, rlimits_for(limits, self.isolation),
+                                   limits.max_output)
+            except BaseException:
+                await asyncio.shield(runner.kill())
+                raise
+        except BaseException:
+            if own_dir and workdir is not None:
+                remove_workdir(workdir)
+            if own_uid and uid is not None:
+                self.uids.give_back(uid)
+            raise
+        return runner
+
+    async def discard_runner(self, runner: RunnerProcess) -> None:
+        """Kill a runner that is no kernel's (pool leftovers) and free its uid and folder."""
+        await runner.kill()
+        await asyncio.get_running_loop().run_in_executor(None, remove_workdir, runner.workdir)
+        if runner.uid is not None and self.uids is not None:
+            self.uids.give_back(runner.uid)
+
+    def _watch(self, kernel: Kernel, runner: RunnerProcess) -> None:
+        def on_exit(dead: RunnerProcess) -> None:
+            if kernel.runner is dead and not kernel.closing and not kernel.restarting:
+                log.info("kernel %s: its process exited by itself", kernel.id)
+                self._spawn_task(self.terminate(kernel, proto.REASON_EXITED), cleanup=True)
+        runner.on_exit = on_exit
+
+    # --- kernel lifecycle ---------------------------------------------------------
+
+    def _requested_limits(self, lang: Language, given: Any) -> KernelLimits:
+        limits = self.max_limits(lang)
+        if given is None:
+            return limits
+        try:
+            mem = given.get("maxMem", given.get("max_mem"))
+            if mem:
+                limits.max_mem = min(limits.max_mem, parse_size(mem))
+            timeout = given.get("execTimeout", given.get("exec_timeout"))
+            if timeout:
+                timeout = float(timeout)
+                if not math.isfinite(timeout) or timeout < 0:
+                    raise ValueError("execTimeout must be a positive number of seconds")
+                limits.exec_timeout = min(limits.exec_timeout, timeout)
+        except (ValueError, TypeError) as exc:
+            raise RPCError(proto.ERR_INVALID_ARGS, f"bad limits: {exc}") from None
+        if limits.max_mem < (32 << 20):
+            raise RPCError(proto.ERR_INVALID_ARGS, "maxMem must be at least 32m")
+        return limits
+
+    async def terminate(self, kernel: Kernel, reason: str) -> dict[str, Any]:
+        """End a kernel for any reason: stats, kill, clean up, kernel_terminated."""
+        if kernel.closing:
+            return dict(kernel.usage.last)
+        kernel.closing = True
+        self.kernels.pop(kernel.id, None)
+        loop = asyncio.get_running_loop()
+        stats = await self._measure(kernel)
+        if kernel.pty is not None:
+            await kernel.pty.close()
+        await kernel.runner.kill()
+        await loop.run_in_executor(None, remove_workdir, kernel.workdir)
+        if kernel.uid is not None and self.uids is not None:
+            self.uids.give_back(kernel.uid)
+        assert self.events is not None
+        self.events.emit("kernel_terminated", kernel_id=kernel.id, reason=reason, stats=stats)
+        log.info("kernel %s (%s) terminated: %s", kernel.id, kernel.lang.name, reason)
+        return stats
+
+    async def _measure(self, kernel: Kernel) -> dict[str, Any]:
+        if not kernel.runner.alive:
+            return dict(kernel.usage.last)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, measure, kernel.usage, kernel.root_pids(),
+                                              self.isolation.net_ns)
+        except Exception:
+            log.exception("kernel %s: cannot measure usage", kernel.id)
+            return dict(kernel.usage.last)
+
+    async def _replace_runner(self, kernel: Kernel) -> None:
+        """Fresh process for the same kernel (same uid, same folder, new PTY ports)."""
+        kernel.restarting = True
+        try:
+            await self._measure(kernel)
+            kernel.usage.close_run()
+            if kernel.pty is not None:
+                await kernel.pty.close()
+                kernel.pty = None
+            await kernel.runner.kill()
+            runner = await self.spawn_runner(kernel.lang, kernel.uid, kernel.workdir,
+                                             kernel.limits)
+            await self._assign(runner, kernel.limits)
+            kernel.runner = runner
+            self._watch(kernel, runner)
+            assert self.ctx is not None
+            kernel.pty = PtySession(self.ctx, self.bind_host, kernel)
+            kernel.waiting_input = False
+            kernel.batch_built = False
+        finally:
+            kernel.restarting = False
+
+    async def _assign(self, runner: RunnerProcess, limits: KernelLimits) -> None:
+        reply = await asyncio.wait_for(
+            runner.request({"op": "assign", "max_mem": limits.max_mem,
+                            "max_output": limits.max_output}), 10)
+        if reply.get("type") != "assigned":
+            raise RunnerDied(f"unexpected reply to assign: {reply!r}")
+
+    def get_kernel(self, args: dict[str, Any]) -> Kernel:
+        kernel = self.kernels.get(args["kernel_id"])
+        if kernel is None or kernel.closing:
+            raise RPCError(proto.ERR_KERNEL_NOT_FOUND, f"no kernel {args['kernel_id']!r} here")
+        return kernel
+
+    # --- RPC methods -------------------------------------------------------------
+
+    async def rpc_ping(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"instance_id": self.instance_id, "version": __version__, "addr": self.addr}
+
+    async def rpc_create_kernel(self, args: dict[str, Any]) -> dict[str, Any]:
+        lang = self.languages.get(args["lang"])
+        if lang is None:
+            raise RPCError(proto.ERR_UNSUPPORTED_LANG, f"language {args['lang']!r} is not "
+                           f"offered here (offered: {', '.join(sorted(self.languages))})")
+        kernel_id = args.get("kernel_id") or uuid.uuid4().hex
+        if len(kernel_id) > MAX_KERNEL_ID:
+            raise RPCError(proto.ERR_INVALID_ARGS, "kernel_id is too long")
+        if kernel_id in self.kernels:
+            raise RPCError(proto.ERR_INVALID_ARGS, f"kernel {kernel_id!r} already exists")
+        limits = self._requested_limits(lang, args.get("limits"))
+        if len(self.kernels) + self.creating >= self.config.agent_max_kernels:
+            raise RPCError(proto.ERR_NO_CAPACITY,
+                           f"this agent runs its maximum of {self.config.agent_max_kernels} kernels")
+        if self.stopping.is_set():
+            raise RPCError(proto.ERR_NO_CAPACITY, "the agent is shutting down")
+        self.creating += 1
+        assert self.pool is not None and self.ctx is not None
+        try:
+            try:
+                runner = await self.pool.take(lang)
+            except (RunnerDied, OSError, RuntimeError) as exc:
+                raise RPCError(proto.ERR_CREATION_FAILED, f"cannot start a kernel: {exc}") \
+                    from None
+            try:
+                await self._assign(runner, limits)
+            except (RunnerDied, TimeoutError, OSError) as exc:
+                await self.discard_runner(runner)
+                raise RPCError(proto.ERR_CREATION_FAILED, f"cannot start a kernel: {exc}") \
+                    from None
+            kernel = Kernel(id=kernel_id, lang=lang, limits=limits, isolation=self.isolation,
+                            runner=runner)
+            self._watch(kernel, runner)
+            kernel.pty = PtySession(self.ctx, self.bind_host, kernel)
+            if args.get("mounts"):
+                log.info("kernel %s: mounts are not supported by this agent; ignored", kernel_id)
+            self.kernels[kernel_id] = kernel
+        finally:
+            self.creating -= 1
+        log.info("kernel %s (%s) created", kernel_id, lang.name)
+        return {"kernel_id": kernel_id, "stdin_port": kernel.pty.stdin_port,
+                "stdout_port": kernel.pty.stdout_port, "limits": limits.public()}
+
+    async def rpc_destroy_kernel(self, args: dict[str, Any]) -> dict[str, Any]:
+        kernel = self.get_kernel(args)
+        return await self.terminate(kernel, args.get("reason") or proto.REASON_DESTROYED)
+
+    async def rpc_restart_kernel(self, args: dict[str, Any]) -> dict[str, Any]:
+        kernel = self.get_kernel(args)
+        kernel.touch()
+        try:
+            await self._replace_runner(kernel)
+        except (RunnerDied, OSError, TimeoutError, RuntimeError) as exc:
+            await self.terminate(kernel, proto.REASON_EXITED)
+            raise RPCError(proto.ERR_CREATION_FAILED, f"restart failed: {exc}") from None
+        assert kernel.pty is not None
+        log.info("kernel %s restarted", kernel.id)
+        return {"stdin_port": kernel.pty.stdin_port, "stdout_port": kernel.pty.stdout_port}
+
+    async def rpc_execute(self, args: dict[str, Any]) -> dict[str, Any]:
+        kernel = self.get_kernel(args)
+        mode, code = args["mode"], args["code"]
+        opts = args.get("opts") or {}
+        async with kernel.lock:
+            if kernel.closing:
+                raise RPCError(proto.ERR_KERNEL_NOT_FOUND, f"kernel {kernel.id!r} has ended")
+            kernel.busy += 1
+            kernel.touch()
+            try:
+                if mode == "query":
+                    return await self._query(kernel, code)
+                if mode == "batch":
+                    return await self._batch(kernel, opts)
+                return await self._complete(kernel, code, opts)
+            finally:
+                kernel.busy -= 1
+                kernel.touch()
+
+    async def _query(self, kernel: Kernel, code: str) -> dict[str, Any]:
+        if kernel.waiting_input:
+            msg = {"op": "input", "text": code}
+        else:
+            msg = {"op": "exec", "code": code}
+        reply = await self._run(kernel, msg)
+        return self._result(kernel, reply)
+
+    def _result(self, kernel: Kernel, reply: dict[str, Any],
+                status: str | None = None) -> dict[str, Any]:
+        if reply.get("type") != "done":
+            raise RPCError(proto.ERR_EXECUTION_FAILED, f"kernel answered {reply.get('type')!r}")
+        kernel.waiting_input = reply.get("status") == "waiting-input"
+        result: dict[str, Any] = {"status": status or reply.get("status", "finished"),
+                                  "console": _clean_console(reply.get("console"))}
+        if kernel.waiting_input:
+            result["options"] = {"is_password": bool((reply.get("options") or {})
+                                                     .get("is_password"))}
+        return result
+
+    async def _batch(self, kernel: Kernel, opts: dict[str, Any]) -> dict[str, Any]:
+        lang = kernel.lang
+        try:
+            build = lang.batch_command(opts.get("build"), lang.build)
+            exec_cmd = lang.batch_command(opts.get("exec"), lang.exec)
+        except ValueError as exc:
+            raise RPCError(proto.ERR_INVALID_ARGS, str(exc)) from None
+        if build and not kernel.batch_built:
+            reply = await self._run(kernel, {"op": "shell", "cmd": build})
+            result = self._result(kernel, reply)
+            if reply.get("exit_code") not in (0, None):
+                result["console"].append(["stderr", f"[build failed with exit code "
+                                                    f"{reply.get('exit_code')}]\n"])
+                return result
+            kernel.batch_built = True
+            result["status"] = "build-finished"
+            return result
+        kernel.batch_built = False
+        if not exec_cmd:
+            return {"status": "finished", "console": []}
+        reply = await self._run(kernel, {"op": "shell", "cmd": exec_cmd})
+        return self._result(kernel, reply, status="finished")
+
+    async def _complete(self, kernel: Kernel, code: str, opts: dict[str, Any]) -> dict[str, Any]:
+        line = opts.get("line") if isinstance(opts.get("line"), str) else code
+        col = opts.get("col")
+        msg = {"op": "complete", "line": line, "code": code,
+               "row": opts.get("row") if isinstance(opts.get("row"), int) else 0,
+               "col": col if isinstance(col, int) else len(line)}
+        try:
+            reply = await asyncio.wait_for(kernel.runner.request(msg), COMPLETE_TIMEOUT)
+        except TimeoutError:
+            kernel.runner.interrupt()
+            raise RPCError(proto.ERR_EXECUTION_TIMEOUT, "completion took too long",
+                           console=[]) from None
+        except RunnerDied:
+            raise RPCError(proto.ERR_EXECUTION_FAILED, "the kernel process exited") from None
+        items = [item for item in reply.get("items", []) if isinstance(item, str)]
+        return {"status": "finished", "console": [], "completions": items}
+
+    async def _run(self, kernel: Kernel, msg: dict[str, Any]) -> dict[str, Any]:
+        """Send one run to the kernel and wait for its end, within the exec timeout."""
+        runner = kernel.runner
+        timeout = kernel.limits.exec_timeout
+        try:
+            runner.send(msg)
+            try:
+                return await asyncio.wait_for(runner.receive(), timeout)
+            except TimeoutError:
+                pass
+            runner.interrupt()
+            note = f"\n[execution timed out after {timeout:g} s: the run was stopped]\n"
+            try:
+                reply = await asyncio.wait_for(runner.receive(), INTERRUPT_GRACE)
+                console = _clean_console(reply.get("console"))
+                kernel.waiting_input = reply.get("status") == "waiting-input"
+            except TimeoutError:
+                console = []
+                note = (f"\n[execution timed out after {timeout:g} s: the run did not stop, "
+                        f"so the kernel was restarted and its state is lost]\n")
+                try:
+                    await self._replace_runner(kernel)
+                except (RunnerDied, OSError, TimeoutError, RuntimeError) as exc:
+                    log.warning("kernel %s: restart after timeout failed: %s", kernel.id, exc)
+                    self._spawn_task(self.terminate(kernel, proto.REASON_EXITED), cleanup=True)
+            console.append(["stderr", note])
+            log.info("kernel %s: execution timed out after %g s", kernel.id, timeout)
+            raise RPCError(proto.ERR_EXECUTION_TIMEOUT,
+                           f"execution exceeded the time limit of {timeout:g} s",
+                           console=console)
+        except RunnerDied:
+            raise RPCError(proto.ERR_EXECUTION_FAILED,
+                           "the kernel process exited during the run") from None
+
+    async def rpc_upload_file(self, args: dict[str, Any]) -> dict[str, Any]:
+        kernel = self.get_kernel(args)
+        kernel.touch()
+        loop = asyncio.get_running_loop()
+        try:
+            size = await loop.run_in_executor(None, write_upload, kernel.workdir, args["name"],
+                                              args["data"], kernel.uid,
+                                              self.config.max_upload_size)
+        except ValueError as exc:
+            raise RPCError(proto.ERR_INVALID_ARGS, str(exc)) from None
+        except OSError as exc:
+            raise RPCError(proto.ERR_UPLOAD_FAILED, f"cannot write {args['name']!r}: "
+                           f"{exc.strerror or exc}") from None
+        return {"name": args["name"], "size": size}
+
+    async def rpc_resize_pty(self, args: dict[str, Any]) -> dict[str, Any]:
+        kernel = self.get_kernel(args)
+        rows, cols = args["rows"], args["cols"]
+        if not (1 <= rows <= 1000 and 1 <= cols <= 1000):
+            raise RPCError(proto.ERR_INVALID_ARGS, "rows and cols must be within 1..1000")
+        if kernel.pty is not None:
+            kernel.pty.resize(rows, cols)
+        return {}
+
+    async def rpc_list_kernels(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            kernel.id: {"lang": kernel.lang.name, "created_at": kernel.created_at,
+                        "stdin_port": kernel.pty.stdin_port if kernel.pty else 0,
+                        "stdout_port": kernel.pty.stdout_port if kernel.pty else 0}
+            for kernel in list(self.kernels.values()) if not kernel.closing
+        }
+
+    async def rpc_reset(self, args: dict[str, Any]) -> dict[str, Any]:
+        kernels = list(self.kernels.values())
+        await asyncio.gather(*(self.terminate(k, proto.REASON_RESET) for k in kernels))
+        return {"destroyed": [k.id for k in kernels]}
+
+    # --- loops ------------------------------------------------------------------
+
+    async def _serve_rpc(self) -> None:
+        assert self.rpc is not None
+        while True:
+            frames = await self.rpc.recv_multipart(copy=True)
+            if len(frames) != 2:
+                log.warning("dropped a malformed RPC message of %d frames", len(frames))
+                continue
+            identity, frame = frames
+            try:
+                request = proto.decode_request(frame)
+            except proto.ProtocolError as exc:
+                log.warning("dropped a malformed RPC frame: %s", exc)
+                continue
+            self._spawn_task(self._answer(identity, request))
+
+    async def _answer(self, identity: bytes, request: proto.Request) -> None:
+        assert self.rpc is not None
+        method = self.methods.get(request.method)
+        try:
+            if method is None:
+                raise RPCError(proto.ERR_UNKNOWN_METHOD, f"unknown method {request.method!r}")
+            try:
+                proto.validate_args(request.method, request.args)
+            except proto.ProtocolError as exc:
+                raise RPCError(proto.ERR_INVALID_ARGS, str(exc)) from None
+            reply = proto.encode_result(request.id, await method(request.args))
+        except RPCError as exc:
+            reply = proto.encode_error(request.id, exc.type, exc.message, **exc.details)
+        except asyncio.CancelledError:
+            reply = proto.encode_error(request.id, proto.ERR_INTERNAL, "the agent is stopping")
+            await self._reply(identity, reply)
+            raise
+        except Exception as exc:
+            log.exception("%s failed", request.method)
+            reply = proto.encode_error(request.id, proto.ERR_INTERNAL,
+                                       f"{exc.__class__.__name__}: {exc}")
+        await self._reply(identity, reply)
+
+    async def _reply(self, identity: bytes, reply: bytes) -> None:
+        assert self.rpc is not None
+        try:
+            await self.rpc.send_multipart([identity, reply])
+        except zmq.ZMQError as exc:
+            log.warning("cannot send a reply: %s", exc)
+
+    async def _heartbeats(self) -> None:
+        assert self.events is not None
+        interval = self.config.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            self.events.emit("instance_heartbeat", info=self.info(),
+                             running_kernels=sorted(self.kernels), interval=interval)
+
+    async def _stats_loop(self) -> None:
+        assert self.events is not None
+        while True:
+            await asyncio.sleep(self.config.agent_stats_interval)
+            kernels = [k for k in self.kernels.values() if not k.closing]
+            if not kernels:
+                continue
+            figures = await asyncio.gather(*(self._measure(k) for k in kernels))
+            self.events.emit("instance_stats",
+                             stats={k.id: s for k, s in zip(kernels, figures)})
+
+    async def _idle_sweeper(self) -> None:
+        period = max(0.05, min(1.0, self.config.agent_idle_timeout / 4))
+        while True:
+            await asyncio.sleep(period)
+            for kernel in list(self.kernels.values()):
+                if not kernel.closing and not kernel.restarting \
+                        and kernel.idle_for() > kernel.limits.idle_timeout:
+                    log.info("kernel %s idle for %.0f s", kernel.id, kernel.idle_for())
+                    self._spawn_task(self.terminate(kernel, proto.REASON_IDLE), cleanup=True)
+
+
+def _clean_console(console: Any) -> list[list[str]]:
+    """Console records from a kernel, checked (the kernel is untrusted)."""
+    records: list[list[str]] = []
+    if not isinstance(console, list):
+        return records
+    for record in console:
+        if isinstance(record, (list, tuple)) and len(record) == 2 \
+                and isinstance(record[0], str) and isinstance(record[1], str):
+            records.append([record[0], record[1]])
+    return records
+
+
+async def serve(config: SornaConfig) -> None:
+    """Run an agent until SIGTERM/SIGINT; then destroy every kernel and exit."""
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    stop = agent.stopping
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("second signal: exiting without cleaning up")
+            os._exit(1)
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await agent.start()
+        await stop.wait()
+    finally:
+        started = time.monotonic()
+        await agent.shutdown()
+        log.info("shutdown took %.2f s", time.monotonic() - started)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

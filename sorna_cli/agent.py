@@ -1,0 +1,57 @@
+"""`sorna agent`: run the reference agent on this host."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from .context import CliContext, pass_cli
+
+
+@click.command()
+@click.option("--rpc-addr", "agent_rpc_addr", help="tcp://IP:PORT to bind the RPC ROUTER on "
+              "(default tcp://0.0.0.0:6001, port from SORNA_AGENT_PORT).")
+@click.option("--manager", "agent_managers", multiple=True,
+              help="Manager events address (tcp://HOST:PORT); repeatable.")
+@click.option("--instance-id", "agent_instance_id", help="Stable instance id (default i-<hostname>).")
+@click.option("--advertise-host", "agent_advertise_host",
+              help="Host managers should use to reach this agent.")
+@click.option("--max-kernels", "agent_max_kernels", type=int, help="Kernels this agent runs at most.")
+@click.option("--pool-size", "agent_pool_size", type=int,
+              help="Warm runner processes kept per language.")
+@click.option("--heartbeat-interval", "heartbeat_interval", type=float, help="Seconds.")
+@click.option("--idle-timeout", "agent_idle_timeout", type=float,
+              help="Seconds without use before a kernel is destroyed.")
+@click.option("--exec-timeout", "agent_exec_timeout", type=float,
+              help="Maximum seconds per execute.")
+@click.option("--max-mem", "agent_max_mem", help="Address-space limit per kernel, e.g. 512m.")
+@click.option("--stats-interval", "agent_stats_interval", type=float,
+              help="Seconds between instance_stats events.")
+@click.option("--max-output", "agent_max_output", help="Output kept per execute, e.g. 1m.")
+@click.option("--max-procs", "agent_max_procs", type=int, help="Processes per kernel.")
+@click.option("--max-cpu-time", "agent_max_cpu_time", type=float, help="CPU seconds per kernel.")
+@click.option("--max-file-size", "agent_max_file_size", help="Largest file a kernel may write.")
+@click.option("--scratch-dir", "agent_scratch_dir", type=click.Path(file_okay=False),
+              help="Folder for kernel working directories.")
+@pass_cli
+def agent(cli: CliContext, agent_managers: tuple[str, ...], **flags: object) -> None:
+    """Run the reference agent: sandboxed kernels for the managers."""
+    if agent_managers:
+        flags["agent_managers"] = list(agent_managers)
+    config = cli.reload(**flags)
+    _log_to_stderr(config.log_level if not cli.debug else "DEBUG")
+    from sorna_agent import run
+    run(config)
+
+
+def _log_to_stderr(level: str) -> None:
+    """The agent is a long-running service: its INFO log goes to stderr."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        root.addHandler(handler)
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(level)
