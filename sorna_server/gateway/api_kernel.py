@@ -1,0 +1,116 @@
+"""Kernel routes: create, info, restart, destroy, execute, upload.
+
+A keypair only ever sees its own kernels: another key's kernel id is
+`kernel-not-found`, exactly like an id that never existed.
+"""
+from __future__ import annotations
+
+import time
+
+from aiohttp import BodyPartReader, web
+
+from . import keys
+from .keys import ACCESS_KEY
+from .errors import InvalidAPIParameters, RequestTooLarge
+from .validation import CreateKernel, Execute, json_body, parse, sanitize_filename
+
+MAX_UPLOAD_FILES = 32
+UPLOAD_CHUNK = 64 << 10
+
+
+def _no_content() -> web.Response:
+    return web.Response(status=204)
+
+
+async def create(request: web.Request) -> web.Response:
+    body = parse(CreateKernel, await json_body(request))
+    service = request.app[keys.KERNELS]
+    record, _created = await service.get_or_create(
+        request[ACCESS_KEY], body.lang, body.clientSessionToken,
+        body.agent_limits(), body.mounts)
+    return web.json_response({"kernelId": record.id}, status=201)
+
+
+async def info(request: web.Request) -> web.Response:
+    service = request.app[keys.KERNELS]
+    record = await service.get_owned(request[ACCESS_KEY], request.match_info["kernel_id"])
+    config = request.app[keys.CONFIG]
+    limits = record.limits or {}
+    stats = record.last_stats or {}
+    exec_timeout = float(limits.get("exec_timeout") or config.agent_exec_timeout)
+    idle_timeout = float(limits.get("idle_timeout") or config.agent_idle_timeout)
+    max_mem = int(limits.get("max_mem") or config.agent_max_mem)
+    now = time.time()
+    return web.json_response({
+        "lang": record.lang,
+        "age": int((now - record.created_at) * 1000),              # ms
+        "queryTimeout": int(exec_timeout * 1000),                  # ms
+        "idleTimeout": int(idle_timeout * 1000),                   # ms
+        "memoryLimit": max_mem // 1024,                            # KiB
+        "maxCpuCredit": int(exec_timeout * 1000),                  # ms
+        "numQueriesExecuted": int(record.num_queries),
+        "idle": max(int((now - record.last_used) * 1000), 0),      # ms
+        "memoryUsed": int(stats.get("mem_max_bytes") or 0) // 1024,  # KiB
+        "cpuCreditUsed": int(stats.get("cpu_used") or 0),          # ms
+    })
+
+
+async def restart(request: web.Request) -> web.Response:
+    service = request.app[keys.KERNELS]
+    record = await service.get_owned(request[ACCESS_KEY], request.match_info["kernel_id"])
+    await service.restart(record)
+    return _no_content()
+
+
+async def destroy(request: web.Request) -> web.Response:
+    service = request.app[keys.KERNELS]
+    record = await service.get_owned(request[ACCESS_KEY], request.match_info["kernel_id"])
+    await service.destroy(record)
+    return _no_content()
+
+
+async def execute(request: web.Request) -> web.Response:
+    body = parse(Execute, await json_body(request))
+    service = request.app[keys.KERNELS]
+    record = await service.get_owned(request[ACCESS_KEY], request.match_info["kernel_id"])
+    result = await service.execute(record, body.mode, body.code or "", body.options)
+    return web.json_response({"result": result})
+
+
+async def upload(request: web.Request) -> web.Response:
+    service = request.app[keys.KERNELS]
+    record = await service.get_owned(request[ACCESS_KEY], request.match_info["kernel_id"])
+    if not request.content_type.startswith("multipart/"):
+        raise InvalidAPIParameters("Upload files as a multipart body.")
+    limit = request.app[keys.CONFIG].max_upload_size
+    try:
+        reader = await request.multipart()
+        files: list[tuple[str, bytes]] = []
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise InvalidAPIParameters("Nested multipart bodies are not supported.")
+            if not part.filename:
+                await part.release()  # a plain form field: ignore it
+                continue
+            if len(files) >= MAX_UPLOAD_FILES:
+                raise InvalidAPIParameters(f"At most {MAX_UPLOAD_FILES} files per upload.")
+            name = sanitize_filename(part.filename)
+            files.append((name, await _read_limited(part, name, limit)))
+    except (ValueError, AssertionError) as exc:  # malformed multipart framing
+        raise InvalidAPIParameters(f"Malformed multipart body: {exc}") from None
+    if not files:
+        raise InvalidAPIParameters("The upload has no files.")
+    for name, data in files:
+        await service.upload(record, name, data)
+    return _no_content()
+
+
+async def _read_limited(part: BodyPartReader, name: str, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await part.read_chunk(UPLOAD_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"File {name!r} is larger than {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,131 @@
+"""The application factory: `create_app(config)` -> the gateway `web.Application`.
+
+Middlewares, outermost first: problem+json errors, API version check,
+authentication, rate limiting.  Resources live in `app.cleanup_ctx`, in
+dependency order (Redis, database, agent RPC client, registry, services, the
+legacy listener), and are released in reverse order.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import AsyncIterator
+
+from aiohttp import WSCloseCode, web
+
+from .. import __version__
+from ..agent_client import AgentRPCClient
+from ..config import SornaConfig
+from ..redis_conn import open_redis
+from ..registry import Registry
+from ..schema import open_ready_database
+from . import keys
+from .auth import KeypairCache, auth_middleware
+from .errors import problem_middleware
+from .kernels import KernelService
+from .ratelimit import RateLimiter, rate_limit_headers, ratelimit_middleware
+from .routing import setup_routes
+from .usage import KeypairActivity
+from .versioning import version_middleware
+
+log = logging.getLogger(__name__)
+
+SERVER_HEADER = f"Sorna-API/{__version__}"
+MAX_JSON_BODY = 8 << 20
+ACTIVITY_FLUSH_INTERVAL = 3.0
+
+
+def create_app(config: SornaConfig, *, primary: bool = True) -> web.Application:
+    """Build the gateway.  `primary` = this process binds the event intake and
+    the legacy ZMQ port (exactly one process of a multi-worker server does)."""
+    app = web.Application(
+        middlewares=[problem_middleware, version_middleware, auth_middleware,
+                     ratelimit_middleware],
+        client_max_size=max(MAX_JSON_BODY, config.max_upload_size),
+    )
+    app[keys.CONFIG] = config
+    app[keys.PRIMARY] = primary
+    app[keys.WEBSOCKETS] = weakref.WeakSet()
+    app.cleanup_ctx.extend([_redis, _database, _rpc, _registry, _services, _legacy])
+    app.on_shutdown.append(_close_websockets)
+    app.on_response_prepare.append(_common_headers)
+    setup_routes(app)
+    return app
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    async with open_redis(app[keys.CONFIG]) as clients:
+        app[keys.REDIS] = clients
+        yield
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    async with open_ready_database(app[keys.CONFIG]) as engine:
+        app[keys.DB] = engine
+        yield
+
+
+async def _rpc(app: web.Application) -> AsyncIterator[None]:
+    client = AgentRPCClient(default_timeout=app[keys.CONFIG].agent_rpc_timeout)
+    app[keys.RPC] = client
+    try:
+        yield
+    finally:
+        await client.close()
+
+
+async def _registry(app: web.Application) -> AsyncIterator[None]:
+    registry = Registry(app[keys.CONFIG], app[keys.REDIS], app[keys.DB], app[keys.RPC])
+    await registry.start(intake=app[keys.PRIMARY], sweeper=True)
+    app[keys.REGISTRY] = registry
+    try:
+        yield
+    finally:
+        await registry.stop()
+
+
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    config = app[keys.CONFIG]
+    app[keys.KEYPAIRS] = KeypairCache(app[keys.DB], config.keypair_cache_ttl)
+    app[keys.RATE_LIMITER] = RateLimiter(app[keys.REDIS].ratelimit, config.rate_limit_window)
+    activity = KeypairActivity(app[keys.DB], ACTIVITY_FLUSH_INTERVAL)
+    app[keys.ACTIVITY] = activity
+    kernels = KernelService(config, app[keys.DB], app[keys.REGISTRY], app[keys.RPC])
+    app[keys.KERNELS] = kernels
+    activity.start()
+    try:
+        yield
+    finally:
+        await kernels.close()
+        await activity.stop()
+
+
+async def _legacy(app: web.Application) -> AsyncIterator[None]:
+    if not app[keys.PRIMARY]:
+        yield
+        return
+    from ..legacy import LegacyListener
+
+    config = app[keys.CONFIG]
+    listener = LegacyListener(config, app[keys.KERNELS])
+    await listener.start()
+    try:
+        yield
+    finally:
+        await listener.stop()
+
+
+async def _close_websockets(app: web.Application) -> None:
+    for ws in list(app[keys.WEBSOCKETS]):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
+
+async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    headers = response.headers
+    headers["Server"] = SERVER_HEADER
+    headers.update(rate_limit_headers(request))
+    if response.status == 204:
+        # The historic sync client reads Content-Length and Content-Type of every
+        # response, 204 included (aiohttp drops them by default).
+        headers["Content-Length"] = "0"
+        headers.setdefault("Content-Type", "application/octet-stream")

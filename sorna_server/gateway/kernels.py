@@ -1,0 +1,330 @@
+"""Kernel lifecycle as the gateway drives it (shared by the HTTP routes and the
+legacy ZMQ interface).
+
+Create (get-or-create by the key's client session token and language):
+
+1. bind the session to a fresh kernel id in Redis (`claim_session`); when
+   another request bound it first, wait for that kernel and return it;
+2. in ONE database transaction take a concurrency slot and insert the kernel
+   row (PREPARING) — 412 when the keypair is at its limit;
+3. let the registry pick (and reserve a slot on) the least-loaded agent;
+4. ask that agent to start the kernel (RPC `create_kernel`);
+5. register the kernel (Redis + DB row RUNNING).
+
+Any failure after step 2 settles the kernel as ERROR, which releases the
+quota slot; failures after step 3 also give the agent slot back.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import defaultdict
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .. import agent_protocol as proto
+from ..agent_client import AgentError, AgentRPCClient, AgentTimeout
+from ..config import SornaConfig
+from ..db import quota
+from ..db.models import KernelStatus, kernels
+from ..registry import InstanceNotAvailable as NoInstance
+from ..registry import KernelRecord, RegistrationFailed, Registry
+from . import errors
+
+log = logging.getLogger(__name__)
+
+SESSION_WAIT_POLL = 0.05
+ROW_GRACE = 2.0  # seconds a bound session may point at a kernel without a DB row
+CREATE_ATTEMPTS = 4
+EXEC_MARGIN = 3.0
+
+
+def agent_error_fields(exc: AgentError) -> dict[str, Any]:
+    return {"agentError": exc.as_dict()}
+
+
+class KernelService:
+    def __init__(self, config: SornaConfig, db: AsyncEngine, registry: Registry,
+                 rpc: AgentRPCClient):
+        self.config = config
+        self.db = db
+        self.registry = registry
+        self.rpc = rpc
+        self.create_timeout = max(config.agent_rpc_timeout, 5.0) * 3
+        self._port_watchers: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # --- lookup -------------------------------------------------------------
+    async def get_owned(self, access_key: str, kernel_id: str) -> KernelRecord:
+        """The kernel if it exists and belongs to `access_key`; else kernel-not-found."""
+        record = await self.registry.get_kernel(kernel_id) if _plausible_id(kernel_id) else None
+        if record is None or record.access_key != access_key:
+            raise errors.KernelNotFound(f"No kernel {kernel_id!r} for this access key.")
+        return record
+
+    # --- create -------------------------------------------------------------
+    async def get_or_create(self, access_key: str, lang: str, token: str | None,
+                            limits: dict[str, Any] | None = None,
+                            mounts: list[str] | None = None) -> tuple[KernelRecord, bool]:
+        """Return (kernel, created)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.create_timeout
+        for _ in range(CREATE_ATTEMPTS):
+            kernel_id = uuid.uuid4().hex
+            if token is not None:
+                bound = await self.registry.claim_session(access_key, token, lang, kernel_id)
+                if bound is not None and bound != kernel_id:
+                    record = await self._wait_for_kernel(bound, access_key, deadline)
+                    if record is not None:
+                        return record, False
+                    # a stale session (its kernel has ended): unbind it and retry
+                    await self.registry.release_session(access_key, token, lang, bound)
+                    continue
+            return await self._create(access_key, lang, token, limits, mounts, kernel_id), True
+        raise errors.KernelCreationFailed("The client session kept changing; retry.")
+
+    async def _wait_for_kernel(self, kernel_id: str, access_key: str,
+                               deadline: float) -> KernelRecord | None:
+        """Wait while another request creates the kernel bound to the session.
+
+        None means the session is stale (its kernel ended or never got a row).
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while True:
+            record = await self.registry.get_kernel(kernel_id)
+            if record is not None:
+                return record if record.access_key == access_key else None
+            async with self.db.connect() as conn:
+                status = (await conn.execute(
+                    sa.select(kernels.c.status).where(kernels.c.id == kernel_id))).scalar()
+            if status == KernelStatus.RUNNING.value:
+                # the DB row turns RUNNING a moment after Redis has the kernel
+                return await self.registry.get_kernel(kernel_id)
+            if status is not None and status != KernelStatus.PREPARING.value:
+                return None
+            if status is None and loop.time() - started > ROW_GRACE:
+                return None
+            if loop.time() > deadline:
+                raise errors.KernelCreationFailed(
+                    "Another request is still creating the kernel for this session.")
+            await asyncio.sleep(SESSION_WAIT_POLL)
+
+    async def _create(self, access_key: str, lang: str, token: str | None,
+                      limits: dict[str, Any] | None, mounts: list[str] | None,
+                      kernel_id: str) -> KernelRecord:
+        try:
+            async with self.db.begin() as conn:
+                if not await quota.take_slot(conn, access_key):
+                    raise errors.QuotaExceeded(
+                        "All concurrency slots of this access key are in use; "
+                        "destroy a kernel first.")
+                await conn.execute(kernels.insert().values(
+                    id=kernel_id, lang=lang, access_key=access_key, agent=None,
+                    status=KernelStatus.PREPARING.value))
+        except BaseException:
+            await self._release_session(access_key, token, lang, kernel_id)
+            raise
+
+        instance_id: str | None = None
+        try:
+            try:
+                instance = await self.registry.schedule(lang, access_key)
+            except NoInstance as exc:
+                raise errors.InstanceNotAvailable(
+                    _no_instance_text(exc.reason, lang), reason=exc.reason) from None
+            instance_id = instance.id
+            args: dict[str, Any] = {"lang": lang, "kernel_id": kernel_id}
+            if limits:
+                args["limits"] = limits
+            if mounts:
+                args["mounts"] = list(mounts)
+            try:
+                result = await self.rpc.call(instance.addr, "create_kernel", args,
+                                             timeout=self.create_timeout)
+            except AgentError as exc:
+                if isinstance(exc, AgentTimeout):
+                    self._in_background(self._destroy_quietly(instance.addr, kernel_id))
+                if exc.type == proto.ERR_NO_CAPACITY:
+                    raise errors.InstanceNotAvailable(
+                        "The chosen agent has no free slot; retry.", reason="all-full",
+                        **agent_error_fields(exc)) from None
+                if exc.type == proto.ERR_INVALID_ARGS:
+                    raise errors.InvalidAPIParameters(exc.message, **agent_error_fields(exc)) \
+                        from None
+                raise errors.KernelCreationFailed(**agent_error_fields(exc)) from None
+            now = time.time()
+            record = KernelRecord(
+                id=kernel_id, instance_id=instance.id, addr=instance.addr,
+                access_key=access_key, lang=lang,
+                stdin_port=int(result["stdin_port"]), stdout_port=int(result["stdout_port"]),
+                created_at=now, last_used=now, num_queries=0,
+                limits=dict(result.get("limits") or {}), last_stats={})
+            try:
+                await self.registry.register_kernel(record, token)
+            except BaseException as exc:
+                if not (isinstance(exc, RegistrationFailed) and exc.reason.startswith("instance-")):
+                    # the reservation may be consumed already; an unused one expires
+                    instance_id = None
+                self._in_background(self._destroy_quietly(instance.addr, kernel_id))
+                if isinstance(exc, RegistrationFailed):
+                    raise errors.KernelCreationFailed(
+                        f"The agent went away while the kernel was created ({exc.reason}).") \
+                        from None
+                raise
+            return record
+        except BaseException as exc:
+            reason = exc.name if isinstance(exc, errors.Problem) else "creation-failed"
+            await self._abort(kernel_id, reason, instance_id, access_key, token, lang)
+            raise
+
+    async def _abort(self, kernel_id: str, reason: str, instance_id: str | None,
+                     access_key: str, token: str | None, lang: str) -> None:
+        """Undo a failed creation: agent slot, quota slot (via settlement), session."""
+        try:
+            if instance_id is not None:
+                await self.registry.unreserve(instance_id)
+            await self.registry.settle_kernel(kernel_id, KernelStatus.ERROR.value, reason)
+        except Exception as exc:
+            log.error("could not settle failed kernel %s (%s): %s", kernel_id, reason, exc)
+        await self._release_session(access_key, token, lang, kernel_id)
+
+    async def _release_session(self, access_key: str, token: str | None, lang: str,
+                               kernel_id: str) -> None:
+        if token is None:
+            return
+        try:
+            await self.registry.release_session(access_key, token, lang, kernel_id)
+        except Exception as exc:
+            log.warning("could not release session of kernel %s: %s", kernel_id, exc)
+
+    async def _destroy_quietly(self, addr: str, kernel_id: str) -> None:
+        try:
+            await self.rpc.call(addr, "destroy_kernel",
+                                {"kernel_id": kernel_id, "reason": "creation-failed"})
+        except AgentError as exc:
+            log.info("cleanup destroy of kernel %s: %s", kernel_id, exc)
+
+    def _in_background(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- operations on a kernel -----------------------------------------------
+    async def destroy(self, record: KernelRecord) -> None:
+        try:
+            stats = await self.rpc.call(record.addr, "destroy_kernel",
+                                        {"kernel_id": record.id,
+                                         "reason": proto.REASON_DESTROYED},
+                                        timeout=self.config.agent_rpc_timeout)
+        except AgentError as exc:
+            if exc.type != proto.ERR_KERNEL_NOT_FOUND:
+                raise errors.KernelDestructionFailed(**agent_error_fields(exc)) from None
+            stats = None  # already gone on the agent: settle with the last known stats
+        await self.registry.settle_kernel(record.id, KernelStatus.TERMINATED.value,
+                                          proto.REASON_DESTROYED,
+                                          stats if isinstance(stats, dict) else None)
+        self._notify_ports(record.id)
+
+    async def restart(self, record: KernelRecord) -> KernelRecord:
+        try:
+            result = await self.rpc.call(record.addr, "restart_kernel", {"kernel_id": record.id},
+                                         timeout=self.create_timeout)
+        except AgentError as exc:
+            if exc.type == proto.ERR_KERNEL_NOT_FOUND:
+                raise errors.KernelNotFound(**agent_error_fields(exc)) from None
+            raise errors.KernelRestartFailed(**agent_error_fields(exc)) from None
+        record.stdin_port = int(result["stdin_port"])
+        record.stdout_port = int(result["stdout_port"])
+        await self.registry.update_ports(record.id, record.stdin_port, record.stdout_port)
+        self._notify_ports(record.id)
+        return record
+
+    def exec_deadline(self, record: KernelRecord, mode: str) -> float:
+        exec_timeout = float(record.limits.get("exec_timeout") or self.config.agent_exec_timeout)
+        runs = 2 if mode == "batch" else 1  # a batch run may build, then execute
+        return exec_timeout * runs + max(EXEC_MARGIN, exec_timeout * 0.1)
+
+    async def execute(self, record: KernelRecord, mode: str, code: str,
+                      opts: dict[str, Any] | None) -> dict[str, Any]:
+        touch = asyncio.ensure_future(self.registry.touch_kernel(record.id))
+        try:
+            result = await self.rpc.call(
+                record.addr, "execute",
+                {"kernel_id": record.id, "mode": mode, "code": code, "opts": opts or {}},
+                timeout=self.exec_deadline(record, mode))
+        except AgentError as exc:
+            if exc.type == proto.ERR_KERNEL_NOT_FOUND:
+                raise errors.KernelNotFound(**agent_error_fields(exc)) from None
+            if exc.type == proto.ERR_INVALID_ARGS:
+                raise errors.InvalidAPIParameters(exc.message, **agent_error_fields(exc)) \
+                    from None
+            raise errors.KernelExecutionFailed(**agent_error_fields(exc)) from None
+        finally:
+            await _settled(touch, f"touch of kernel {record.id}")
+        return result
+
+    async def upload(self, record: KernelRecord, name: str, data: bytes) -> None:
+        try:
+            await self.rpc.call(record.addr, "upload_file",
+                                {"kernel_id": record.id, "name": name, "data": data},
+                                timeout=self.config.agent_rpc_timeout)
+        except AgentError as exc:
+            if exc.type == proto.ERR_KERNEL_NOT_FOUND:
+                raise errors.KernelNotFound(**agent_error_fields(exc)) from None
+            if exc.type == proto.ERR_INVALID_ARGS:
+                raise errors.InvalidAPIParameters(exc.message, **agent_error_fields(exc)) \
+                    from None
+            raise errors.KernelExecutionFailed(**agent_error_fields(exc)) from None
+
+    async def resize_pty(self, record: KernelRecord, rows: int, cols: int) -> None:
+        await self.rpc.call(record.addr, "resize_pty",
+                            {"kernel_id": record.id, "rows": rows, "cols": cols},
+                            timeout=self.config.agent_rpc_timeout)
+
+    # --- PTY bridges wait for port changes and ends ----------------------------
+    def watch_ports(self, kernel_id: str) -> asyncio.Event:
+        event = asyncio.Event()
+        self._port_watchers[kernel_id].add(event)
+        return event
+
+    def unwatch_ports(self, kernel_id: str, event: asyncio.Event) -> None:
+        watchers = self._port_watchers.get(kernel_id)
+        if watchers is not None:
+            watchers.discard(event)
+            if not watchers:
+                del self._port_watchers[kernel_id]
+
+    def _notify_ports(self, kernel_id: str) -> None:
+        for event in self._port_watchers.get(kernel_id, ()):
+            event.set()
+
+    async def close(self) -> None:
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _settled(future: asyncio.Future[Any], what: str) -> None:
+    try:
+        await future
+    except Exception as exc:  # bookkeeping must not fail the request that did the work
+        log.warning("%s failed: %s", what, exc)
+
+
+def _plausible_id(kernel_id: str) -> bool:
+    return 0 < len(kernel_id) <= 64 and kernel_id.replace("-", "").isalnum()
+
+
+def _no_instance_text(reason: str, lang: str) -> str:
+    return {
+        "no-agents": "No agent is running.",
+        "language-not-offered": f"No agent offers the language {lang!r}.",
+        "all-full": "Every agent that offers this language is full; retry later.",
+        "all-draining": "Every agent that offers this language is being drained.",
+    }.get(reason, f"No agent can run {lang!r} now ({reason}).")
