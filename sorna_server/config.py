@@ -148,6 +148,8 @@ class SornaConfig(BaseSettings):
     agent_rpc_timeout: float = Field(default=10.0, gt=0)
     keypair_cache_ttl: float = Field(default=5.0, ge=0)
     max_upload_size: int = Field(default=16 << 20, description="bytes per uploaded file")
+    rate_limit_window: float = Field(default=900.0, gt=0,
+                                     description="seconds of the rolling rate-limit window")
 
     # --- reference agent -------------------------------------------------
     agent_port: int = Field(default=6001, ge=0, le=65535)
