@@ -57,6 +57,18 @@ def world_usable(path: str) -> bool:
     return True
 
 
+def world_searchable(directory: Path) -> bool:
+    """True when other users can reach `directory` (it and all its parents o+x)."""
+    real = Path(os.path.realpath(directory))
+    for path in (real, *real.parents):
+        try:
+            if not path.stat().st_mode & stat.S_IXOTH:
+                return False
+        except OSError:
+            return False
+    return True
+
+
 def _pick_interpreter(candidates: list[str], for_other_users: bool) -> str | None:
     for candidate in candidates:
         path = candidate if os.path.isabs(candidate) else shutil.which(candidate)

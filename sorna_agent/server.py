@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import socket
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +29,7 @@ from sorna_server.config import SornaConfig, parse_size
 
 from .events import EventSender
 from .kernel import Kernel, KernelLimits, rlimits_for
-from .languages import Language, load_catalogue
+from .languages import Language, load_catalogue, world_searchable
 from .pool import WarmPool
 from .process import RunnerDied, RunnerProcess
 from .pty import PtySession
@@ -88,6 +89,7 @@ class Agent:
         self.ctx: zmq.asyncio.Context | None = None
         self.rpc: zmq.asyncio.Socket | None = None
         self.stopping = asyncio.Event()
+        self._own_scratch: Path | None = None
         self.tasks: set[asyncio.Task] = set()       # loops and requests: cancelled at stop
         self.cleanups: set[asyncio.Task] = set()    # kernel terminations: awaited at stop
         self.methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
@@ -109,7 +111,7 @@ class Agent:
         self.languages = load_catalogue(for_other_users=self.isolation.uid_switch)
         if not self.languages:
             raise RuntimeError("no language of the catalogue has a usable interpreter")
-        self.scratch.mkdir(parents=True, exist_ok=True)
+        self.scratch = self._usable_scratch(self.scratch)
         uid_count = self.config.agent_max_kernels + self.config.agent_pool_size * \
             len(self.languages) + 8
         self.uids = UidPool(self.instance_id, uid_count)
@@ -135,6 +137,21 @@ class Agent:
                      self._idle_sweeper()):
             self._spawn_task(coro)
 
+    def _usable_scratch(self, wanted: Path) -> Path:
+        """The kernels' folders must be reachable by their unprivileged uids."""
+        wanted.mkdir(parents=True, exist_ok=True)
+        if not self.isolation.uid_switch or world_searchable(wanted):
+            return wanted
+        if self.config.agent_scratch_dir is not None:
+            log.warning("scratch dir %s is not searchable by other users: kernels may fail "
+                        "to reach their own folders", wanted)
+            return wanted
+        private = Path(tempfile.mkdtemp(prefix=f"sorna-{self.instance_id[:40]}-"))
+        private.chmod(0o711)
+        self._own_scratch = private
+        log.info("kernel folders in %s (%s is not searchable by other users)", private, wanted)
+        return private
+
     def _spawn_task(self, coro: Awaitable[Any], *, cleanup: bool = False) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
         group = self.cleanups if cleanup else self.tasks
@@ -155,6 +172,8 @@ class Agent:
         if self.events is not None:
             self.events.emit("instance_terminated", reason=reason)
             await self.events.close(SHUTDOWN_LINGER)
+        if self._own_scratch is not None:
+            remove_workdir(self._own_scratch)
         if self.rpc is not None:
             self.rpc.close(linger=0)
         if self.ctx is not None:
