@@ -11,9 +11,18 @@ from sorna_server.schema import SchemaMissing, open_ready_database
 from .context import EXIT_USAGE, CliContext, operator_errors, pass_cli, run_async
 from .output import json_option, print_json, print_table
 
-LIST_COLUMNS = ("access_key", "secret_key", "user_id", "is_active", "billing_plan",
-                "concurrency_limit", "concurrency_used", "rate_limit", "num_queries",
-                "created_at", "last_used")
+# (heading, row -> cell) for the people's table; --json gives every field.
+LIST_COLUMNS: list[tuple[str, Any]] = [
+    ("access key", lambda r: r["access_key"]),
+    ("secret key", lambda r: r["secret_key"]),
+    ("user", lambda r: r["user_id"]),
+    ("active", lambda r: "yes" if r["is_active"] else "no"),
+    ("plan", lambda r: r["billing_plan"]),
+    ("kernels", lambda r: f"{r['concurrency_used']}/{r['concurrency_limit']}"),
+    ("rate limit", lambda r: r["rate_limit"]),
+    ("queries", lambda r: r["num_queries"]),
+    ("created", lambda r: r["created_at"].strftime("%Y-%m-%d %H:%M") if r["created_at"] else ""),
+]
 
 
 @click.group()
@@ -89,8 +98,8 @@ def list_(cli: CliContext, show_secret: bool, user_id: int | None, active_only: 
     if as_json:
         print_json(rows)
         return
-    columns = [c for c in LIST_COLUMNS if show_secret or c != "secret_key"]
-    print_table(columns, ([row[c] for c in columns] for row in rows))
+    columns = [(head, cell) for head, cell in LIST_COLUMNS if show_secret or head != "secret key"]
+    print_table([head for head, _ in columns], ([cell(row) for _, cell in columns] for row in rows))
 
 
 def _set_active(cli: CliContext, access_key: str, active: bool, as_json: bool) -> None:

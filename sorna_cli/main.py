@@ -98,7 +98,7 @@ class SornaGroup(LazyGroup):
         return result
 
 
-@click.group(cls=SornaGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="sorna", cls=SornaGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="Config file (default ./sorna.toml; env SORNA_CONFIG).")
 @click.option("--data-dir", type=click.Path(file_okay=False),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from datetime import date, datetime
 from typing import Any
@@ -27,14 +28,21 @@ def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=_default, sort_keys=False))
 
 
+PIPE_WIDTH = 200   # width for tables written to a pipe or file (no terminal to fit)
+
+
 def console(stderr: bool = False) -> Console:
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    out = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out.width = PIPE_WIDTH
+    return out
 
 
 def print_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None) -> None:
     table = Table(title=title, show_lines=False)
-    for column in columns:
-        table.add_column(column, overflow="fold")
+    for index, column in enumerate(columns):
+        # the first column is the identifier: never wrapped, so it can be copied
+        table.add_column(column, overflow="fold", no_wrap=index == 0)
     for row in rows:
         table.add_row(*("" if cell is None else str(cell) for cell in row))
     console().print(table)

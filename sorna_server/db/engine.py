@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -72,8 +73,25 @@ def describe_failure(config: SornaConfig, exc: BaseException) -> str:
     return f"cannot reach database {mask_url(config.database_url)}: {text}"
 
 
+def _sqlite_preflight(config: SornaConfig) -> None:
+    """Catch a missing folder before aiosqlite does (its failed connect leaves a thread behind)."""
+    database = make_url(config.database_url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    if not path.parent.is_dir():
+        raise DatabaseUnavailable(f"cannot reach database {mask_url(config.database_url)}: "
+                                  f"unable to open database file (folder {path.parent} "
+                                  "does not exist)")
+    if path.exists() and not path.is_file():
+        raise DatabaseUnavailable(f"cannot reach database {mask_url(config.database_url)}: "
+                                  f"unable to open database file ({path} is not a file)")
+
+
 async def check_connection(engine: AsyncEngine, config: SornaConfig) -> None:
     """Open one connection and run `SELECT 1`; raise DatabaseUnavailable if that fails."""
+    if engine.dialect.name == "sqlite":
+        _sqlite_preflight(config)
     try:
         async with engine.connect() as conn:
             await conn.execute(sa.text("SELECT 1"))

@@ -44,6 +44,12 @@ def _in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def sorna_no_db() -> Sorna:
+    """`sorna` with no database flag (commands that need none, or the embedded default)."""
+    return Sorna()
+
+
+@pytest.fixture
 def sorna(db_url: str) -> Sorna:
     """`sorna` against an empty database of each backend."""
     return Sorna(db_url)
