@@ -62,8 +62,10 @@ class _Connection:
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        # "connected" = the ZMTP handshake is done: with IMMEDIATE set, a send
+        # between TCP connect and handshake would fail with EAGAIN.
         self.monitor = self.sock.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
         self.sock.connect(addr)
         self.reader = asyncio.create_task(self._read_replies(), name=f"rpc-reader {addr}")
         self.watcher = asyncio.create_task(self._watch(), name=f"rpc-monitor {addr}")
@@ -90,7 +92,7 @@ class _Connection:
     async def _watch(self) -> None:
         while True:
             event = parse_monitor_message(await self.monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_CONNECTED:
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected.set()
             elif event["event"] in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
                 self.connected.clear()
