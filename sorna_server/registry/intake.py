@@ -1,0 +1,296 @@
+"""Agent event intake: one PULL socket on the events port feeding the registry.
+
+Heartbeats are the hot path (every agent, every interval): the reader drains
+every frame already queued, and all heartbeats of that batch go to Redis in one
+pipeline of EVALSHA calls (one round trip per batch, no per-kernel round trips).
+Events that need the database (kernel_terminated, ...) run as tracked background
+tasks so they never hold up the reader.  Malformed frames are logged and
+dropped.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+import zmq
+import zmq.asyncio
+from redis.exceptions import RedisError
+
+from .. import agent_protocol as proto
+from ..agent_client import AgentError
+from ..db.models import FINAL_STATUSES, KernelStatus, kernels
+from . import scripts
+from .registry import ABSENCE_GRACE_FACTOR
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 512
+POLL_MS = 200
+REASON_VANISHED = "vanished-from-agent"
+REASON_RESTARTED = "agent-restarted"
+REASON_ORPHANED = "orphaned"
+REASON_ABANDONED = "creation-abandoned"
+
+
+class EventIntake:
+    def __init__(self, registry: "Registry"):
+        self.registry = registry
+        self.config = registry.config
+        self.ctx = zmq.asyncio.Context.instance()
+        self.sock: zmq.asyncio.Socket | None = None
+        self.endpoint: str | None = None
+        self._reader: asyncio.Task | None = None
+        self._busy: set[str] = set()  # de-duplicates background work per subject
+        self._closing = False
+        self.received = 0
+        self.dropped = 0
+
+    async def start(self) -> None:
+        sock = self.ctx.socket(zmq.PULL)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.MAXMSGSIZE, proto.MAX_FRAME_BYTES)
+        address = f"tcp://{self.config.events_ip}:{self.config.events_port}"
+        try:
+            sock.bind(address)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise OSError(f"cannot bind the events port {address}: {exc}") from None
+        self.sock = sock
+        self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._reader = asyncio.create_task(self._read(), name="registry-event-intake")
+        log.info("listening for agent events on %s", self.endpoint)
+
+    async def stop(self) -> None:
+        self._closing = True
+        if self._reader is not None:
+            # the reader also checks `_closing` between polls, so it ends even if a
+            # library swallows the cancellation
+            self._reader.cancel()
+            await asyncio.wait([self._reader], timeout=2.0)
+            self._reader = None
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+
+    # --- reading -----------------------------------------------------------
+    async def _read(self) -> None:
+        assert self.sock is not None
+        while not self._closing:
+            if not await self.sock.poll(POLL_MS, zmq.POLLIN):
+                continue
+            frames: list[bytes] = []
+            while len(frames) < MAX_BATCH:
+                try:
+                    frames.append(self.sock.recv(zmq.NOBLOCK).result())
+                except zmq.Again:
+                    break
+            try:
+                await self.handle_frames(frames)
+            except (RedisError, OSError) as exc:
+                log.warning("dropped %d agent events: registry unavailable: %s",
+                            len(frames), exc)
+            except Exception:  # the listener must survive anything
+                log.exception("unexpected error while handling %d agent events", len(frames))
+
+    async def handle_frames(self, frames: list[bytes]) -> None:
+        heartbeats: list[dict[str, Any]] = []
+        for frame in frames:
+            self.received += 1
+            try:
+                event = proto.decode_event(frame)
+            except proto.ProtocolError as exc:
+                self.dropped += 1
+                log.warning("dropped malformed agent event: %s", exc)
+                continue
+            if event["type"] == "instance_heartbeat":
+                heartbeats.append(event)
+            else:
+                self.dispatch(event)
+        if heartbeats:
+            await self.handle_heartbeats(heartbeats)
+
+    def dispatch(self, event: dict[str, Any]) -> None:
+        kind, iid = event["type"], event["instance_id"]
+        reg = self.registry
+        if kind == "kernel_terminated":
+            reg.spawn(reg.settle(event["kernel_id"], KernelStatus.TERMINATED.value,
+                                 event["reason"], event.get("stats"), instance_id=iid),
+                      f"settle {event['kernel_id']}")
+        elif kind == "instance_stats":
+            reg.spawn(reg.update_stats(event["stats"]), f"stats {iid}")
+        elif kind == "instance_started":
+            reg.spawn(self.on_started(event), f"started {iid}")
+        elif kind == "instance_terminated":
+            reg.spawn(self.on_terminated(event), f"terminated {iid}")
+
+    # --- heartbeats ----------------------------------------------------------
+    def heartbeat_args(self, event: dict[str, Any], running: list[str], now: float) -> list[Any]:
+        info = event["info"]
+        interval = event.get("interval") or self.registry.heartbeat_interval
+        interval = float(interval) if interval > 0 else self.registry.heartbeat_interval
+        languages = sorted({str(lang) for lang in info["languages"] if isinstance(lang, str)})
+        return [event["instance_id"], repr(now), self.registry.liveness_ttl_ms(interval),
+                repr(interval), repr(interval * ABSENCE_GRACE_FACTOR), info["addr"],
+                info["max_kernels"], info.get("num_kernels", len(running)),
+                json.dumps(languages), str(info.get("version", "")), info.get("cpu_count", 0),
+                info.get("mem_bytes", 0), json.dumps(info.get("isolation") or {}), *running]
+
+    async def handle_heartbeats(self, events: list[dict[str, Any]]) -> None:
+        now = time.time()
+        client = self.registry.redis.instances
+        argv = [self.heartbeat_args(e, list(e.get("running_kernels", ())), now) for e in events]
+        for attempt in range(2):
+            pipe = client.pipeline(transaction=False)
+            for args in argv:
+                pipe.evalsha(scripts.heartbeat.sha, 0, *args)
+            results = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(scripts.is_noscript(r) for r in results):
+                await scripts.heartbeat.load(client)
+                continue
+            break
+        for event, result in zip(events, results):
+            if isinstance(result, Exception):
+                log.warning("heartbeat of %s not recorded: %s", event["instance_id"], result)
+                continue
+            state, vanished, unknown = result
+            iid = event["instance_id"]
+            if state == "new":
+                log.info("agent %s registered (%s)", iid, event["info"]["addr"])
+            elif state == "lost":
+                self._once(f"revive {iid}", self.revive(event))
+            if vanished:
+                self._once(f"vanished {iid}", self.registry.settle_many(
+                    vanished, KernelStatus.LOST.value, REASON_VANISHED, instance_id=iid))
+            if unknown:
+                self._once(f"unknown {iid}", self.on_unknown_kernels(event, unknown))
+
+    def _once(self, subject: str, coro: Any) -> None:
+        """Run `coro` in the background unless work on `subject` is still running."""
+        if subject in self._busy:
+            coro.close()
+            return
+        self._busy.add(subject)
+        task = self.registry.spawn(coro, subject)
+        task.add_done_callback(lambda _t: self._busy.discard(subject))
+
+    # --- lifecycle events ------------------------------------------------------
+    async def on_started(self, event: dict[str, Any]) -> None:
+        """A fresh agent process: kernels Redis still holds for it died with the old one."""
+        iid, info = event["instance_id"], event["info"]
+        if not info.get("num_kernels"):
+            old = await self.registry.instance_kernel_ids(iid)
+            if old:
+                count = await self.registry.settle_many(
+                    old, KernelStatus.LOST.value, REASON_RESTARTED, instance_id=iid)
+                log.warning("agent %s restarted: %d of its kernels ended", iid, count)
+        await self.handle_heartbeats([{**event, "running_kernels": [],
+                                       "interval": self.registry.heartbeat_interval}])
+
+    async def on_terminated(self, event: dict[str, Any]) -> None:
+        """The agent shut down (it sent kernel_terminated for its kernels first)."""
+        iid = event["instance_id"]
+        remaining = await self.registry.instance_kernel_ids(iid)
+        if remaining:
+            await self.registry.settle_many(remaining, KernelStatus.TERMINATED.value,
+                                            proto.REASON_AGENT_SHUTDOWN, instance_id=iid)
+        await self.registry.forget_instance(iid)
+        log.info("agent %s shut down (%s)", iid, event["reason"])
+
+    async def revive(self, event: dict[str, Any]) -> None:
+        """A heartbeat from an agent marked lost: reset it and register it again.
+
+        Its kernels were settled LOST, so the agent must not keep running them.
+        One process does it (claim key); the others ignore the heartbeat."""
+        from .. import redis_keys as keys
+
+        reg = self.registry
+        iid, addr = event["instance_id"], event["info"]["addr"]
+        claimed = await reg.redis.instances.set(
+            keys.revive_claim(iid), reg.process_token, nx=True,
+            px=int(max(reg.config.agent_rpc_timeout * 2, 5) * 1000))
+        if not claimed:
+            return
+        try:
+            reply = await reg.rpc.call(addr, "reset", {}, timeout=reg.config.agent_rpc_timeout)
+        except AgentError as exc:
+            log.warning("lost agent %s is back but reset failed (%s); retrying on its next "
+                        "heartbeat", iid, exc)
+            await reg.redis.instances.delete(keys.revive_claim(iid))
+            return
+        leftovers = await reg.instance_kernel_ids(iid)
+        if leftovers:
+            await reg.settle_many(leftovers, KernelStatus.LOST.value, proto.REASON_LOST,
+                                  instance_id=iid)
+        await scripts.revive(reg.redis.instances, iid, repr(time.time()),
+                             reg.liveness_ttl_ms(float(event.get("interval") or
+                                                       reg.heartbeat_interval)))
+        await self.handle_heartbeats([{**event, "running_kernels": []}])
+        destroyed = reply.get("destroyed", []) if isinstance(reply, dict) else []
+        log.warning("lost agent %s is back: reset (%d kernels destroyed) and registered again",
+                    iid, len(destroyed))
+
+    async def on_unknown_kernels(self, event: dict[str, Any], kernel_ids: list[str]) -> None:
+        """Kernels an agent keeps reporting that Redis does not hold.
+
+        Rule (docs/redis-layout.md, "Reconciliation"): a kernel whose DB row is
+        RUNNING on this agent is adopted; a PREPARING row is left alone while its
+        creation may still be in progress and ended as abandoned after
+        `creation_timeout`; anything else (no row, a final row, a row of another
+        agent) is destroyed on the agent.
+        """
+        reg = self.registry
+        iid, addr = event["instance_id"], event["info"]["addr"]
+        async with reg.db.connect() as conn:
+            rows = {row.id: row for row in await conn.execute(
+                sa.select(kernels.c.id, kernels.c.status, kernels.c.agent,
+                          kernels.c.access_key, kernels.c.lang, kernels.c.created_at)
+                .where(kernels.c.id.in_(kernel_ids)))}
+        adopt: list[Any] = []
+        destroy: list[str] = []
+        for kernel_id in kernel_ids:
+            row = rows.get(kernel_id)
+            if row is None or row.status in FINAL_STATUSES:
+                destroy.append(kernel_id)
+            elif row.status == KernelStatus.RUNNING.value:
+                (adopt if row.agent == iid else destroy).append(row if row.agent == iid
+                                                                else kernel_id)
+            elif row.agent is None and _age(row.created_at) > reg.creation_timeout:
+                await reg.settle(kernel_id, KernelStatus.ERROR.value, REASON_ABANDONED)
+                destroy.append(kernel_id)
+        if adopt:
+            try:
+                listing = await reg.rpc.call(addr, "list_kernels", {},
+                                             timeout=reg.config.agent_rpc_timeout)
+            except AgentError as exc:
+                log.warning("cannot list kernels of %s to adopt them: %s", iid, exc)
+                listing = {}
+            for row in adopt:
+                if isinstance(listing, dict) and row.id in listing:
+                    await reg.adopt_kernel(iid, addr, row.id, row.access_key, row.lang,
+                                           listing[row.id] or {})
+        for kernel_id in destroy:
+            log.warning("destroying kernel %s on %s: no live record of it", kernel_id, iid)
+            try:
+                await reg.rpc.call(addr, "destroy_kernel",
+                                   {"kernel_id": kernel_id, "reason": REASON_ORPHANED},
+                                   timeout=reg.config.agent_rpc_timeout)
+            except AgentError as exc:
+                log.warning("could not destroy orphan kernel %s on %s: %s", kernel_id, iid, exc)
+
+
+def _age(created_at: Any) -> float:
+    from datetime import datetime, timezone
+
+    if created_at is None:
+        return 0.0
+    if created_at.tzinfo is None:
+        created_at = created_at.replace(tzinfo=timezone.utc)
+    return (datetime.now(timezone.utc) - created_at).total_seconds()
