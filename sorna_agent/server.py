@@ -120,7 +120,8 @@ class Agent:
         self.rpc.setsockopt(zmq.LINGER, 0)
         self.rpc.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.rpc.bind(self.config.agent_bind_addr)
-        self.events = EventSender(self.ctx, self.instance_id, self.config.agent_managers)
+        self.events = EventSender(self.ctx, self.instance_id, self.config.agent_managers,
+                                  self.config.agent_event_queue_size)
         self.events.start()
         self.pool = WarmPool(self.languages, self.config.agent_pool_size, self.spawn_runner,
                              self.discard_runner)

@@ -32,6 +32,8 @@ from .context import CliContext, pass_cli
 @click.option("--max-procs", "agent_max_procs", type=int, help="Processes per kernel.")
 @click.option("--max-cpu-time", "agent_max_cpu_time", type=float, help="CPU seconds per kernel.")
 @click.option("--max-file-size", "agent_max_file_size", help="Largest file a kernel may write.")
+@click.option("--event-queue-size", "agent_event_queue_size", type=int,
+              help="Events kept while no manager listens (oldest heartbeats dropped first).")
 @click.option("--scratch-dir", "agent_scratch_dir", type=click.Path(file_okay=False),
               help="Folder for kernel working directories.")
 @pass_cli

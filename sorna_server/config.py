@@ -171,6 +171,8 @@ class SornaConfig(BaseSettings):
     agent_max_output: int = Field(default=1 << 20, description="bytes of output per execute")
     agent_scratch_dir: Path | None = None
     agent_stats_interval: float = Field(default=5.0, gt=0)
+    agent_event_queue_size: int = Field(
+        default=256, ge=1, description="events kept while no manager listens")
 
     @field_validator("agent_max_mem", "agent_max_file_size", "agent_max_output",
                      "max_upload_size", mode="before")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import time
 
+import psutil
+
 from sorna_server import agent_protocol as proto
 
 from .conftest import stderr_of, stdout_of
@@ -83,3 +85,91 @@ def test_slow_kernel_does_not_delay_another(harness):
     assert time.monotonic() - started < 1.0
     reply = harness.receive(timeout=10)
     assert reply.id == slow_id and reply.ok
+
+
+def test_pty_round_trip_and_resize(harness):
+    import zmq
+    created = harness.ok("create_kernel", lang="bash")
+    kernel_id = created["kernel_id"]
+    host = "127.0.0.1"
+    stdin = harness.ctx.socket(zmq.PUB)
+    stdout = harness.ctx.socket(zmq.SUB)
+    try:
+        for sock in (stdin, stdout):
+            sock.setsockopt(zmq.LINGER, 0)
+        stdout.setsockopt(zmq.SUBSCRIBE, b"")
+        stdin.connect(f"tcp://{host}:{created['stdin_port']}")
+        stdout.connect(f"tcp://{host}:{created['stdout_port']}")
+        assert harness.ok("resize_pty", kernel_id=kernel_id, rows=30, cols=100) == {}
+        received = b""
+        deadline = time.monotonic() + 15
+        while b"pty-42" not in received and time.monotonic() < deadline:
+            stdin.send(b"echo pty-$((6*7)); stty size\n")
+            while stdout.poll(500):
+                received += stdout.recv()
+        assert b"pty-42" in received, received
+        assert b"30 100" in received
+        assert harness.error("resize_pty", kernel_id=kernel_id, rows=0,
+                             cols=10)["type"] == proto.ERR_INVALID_ARGS
+    finally:
+        stdin.close(0)
+        stdout.close(0)
+
+
+def test_sigterm_destroys_kernels_and_reports_everything(harness):
+    import signal
+    kernels = {harness.create("python3"), harness.create("bash")}
+    runner_pids = [p.pid for p in psutil.process_iter(["cmdline"])
+                   if any("runner.py" in part for part in (p.info["cmdline"] or []))
+                   and harness.agent.instance_id in " ".join(p.info["cmdline"] or [])]
+    assert runner_pids
+    assert harness.agent.stop(signal.SIGTERM) == 0
+    ended = {e["kernel_id"]: e for e in _drain(harness) if e["type"] == "kernel_terminated"}
+    assert set(ended) == kernels
+    assert all(e["reason"] == proto.REASON_AGENT_SHUTDOWN for e in ended.values())
+    assert harness.events[-1]["type"] == "instance_terminated"
+    time.sleep(0.2)
+    assert [pid for pid in runner_pids if psutil.pid_exists(pid)
+            and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE] == []
+
+
+def _drain(harness):
+    harness.collect(2.0)
+    return harness.events
+
+
+def test_events_wait_bounded_until_a_manager_listens(agent_factory, free_port):
+    import zmq
+    port = free_port()
+    agent = agent_factory(events_port=port, heartbeat_interval=0.05, event_queue_size=8,
+                          pool_size=0)
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    pull = ctx.socket(zmq.PULL)
+    try:
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(agent.addr)
+        dealer.send(proto.encode_request(1, "create_kernel", {"lang": "python3"}))
+        assert dealer.poll(15000)
+        kernel_id = proto.decode_reply(dealer.recv()).result["kernel_id"]
+        dealer.send(proto.encode_request(2, "destroy_kernel", {"kernel_id": kernel_id}))
+        assert dealer.poll(15000) and proto.decode_reply(dealer.recv()).ok
+        time.sleep(1.5)  # about 30 heartbeats while nobody listens
+        pull.setsockopt(zmq.LINGER, 0)
+        bound_at = time.time()
+        pull.bind(f"tcp://127.0.0.1:{port}")
+        events = []
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and pull.poll(500):
+            events.append(proto.decode_event(pull.recv()))
+        types = [e["type"] for e in events]
+        assert types[0] == "instance_started"
+        assert [e["kernel_id"] for e in events if e["type"] == "kernel_terminated"] == [kernel_id]
+        # of about 30 events made while nobody listened, only the queue's 8 were kept
+        made_before = [e for e in events if e["ts"] < bound_at - 0.02]
+        assert len(made_before) <= 8
+        assert any(e["type"] == "instance_heartbeat" for e in made_before)
+    finally:
+        dealer.close(0)
+        pull.close(0)
+        ctx.term()
