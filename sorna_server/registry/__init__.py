@@ -10,9 +10,9 @@ from .records import (
     KernelRecord,
     RegistrationFailed,
 )
-from .registry import Registry, usage_units
+from .registry import Registry, open_registry, usage_units
 
 __all__ = [
     "Registry", "Instance", "KernelRecord", "InstanceNotAvailable", "RegistrationFailed",
-    "NO_AGENTS", "LANGUAGE_NOT_OFFERED", "ALL_FULL", "ALL_DRAINING", "usage_units",
+    "NO_AGENTS", "LANGUAGE_NOT_OFFERED", "ALL_FULL", "ALL_DRAINING", "usage_units", "open_registry",
 ]

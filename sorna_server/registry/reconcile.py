@@ -166,9 +166,10 @@ async def reconcile(registry: "Registry", *, fix: bool) -> list[Difference]:
                 note("unverifiable-kernel", row.id,
                      f"RUNNING on {iid}, which cannot be asked now", "none (retry later)")
             else:
-                where = "unknown" if inst is None else ("lost" if listing is None else
-                                                        "not running it")
-                diff = note("vanished-kernel", row.id, f"RUNNING in DB; agent {iid} {where}",
+                where = ("unknown" if inst is None else inst.status if listing is None and
+                         inst.status == "lost" else "silent" if listing is None else
+                         "does not run it")
+                diff = note("vanished-kernel", row.id, f"RUNNING in DB; agent {iid}: {where}",
                             "settle LOST")
                 if fix and not await reg.redis.kernels.exists(keys.kernel(row.id)):
                     diff.fixed = await reg.settle(row.id, KernelStatus.LOST.value,

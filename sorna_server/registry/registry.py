@@ -18,8 +18,9 @@ import json
 import logging
 import secrets
 import time
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any, AsyncIterator, Iterable
 
 import sqlalchemy as sa
 from redis.exceptions import RedisError
@@ -386,3 +387,24 @@ class Registry:
 
     def liveness_ttl_ms(self, interval: float) -> int:
         return max(int(interval * LIVENESS_TTL_FACTOR * 1000), 1000)
+
+
+@asynccontextmanager
+async def open_registry(config: SornaConfig, *, need_db: bool = False,
+                        rpc_timeout: float = 5.0) -> AsyncIterator[Registry]:
+    """A Registry on the configured Redis (embedded one found through the data
+    directory) for tools such as `sorna registry`; nothing is started.  With
+    `need_db`, the database must be reachable and have Sorna's tables."""
+    from ..db.engine import create_engine
+    from ..redis_conn import open_redis
+    from ..schema import open_ready_database
+
+    async with open_redis(config) as redis, AsyncExitStack() as stack:
+        if need_db:
+            engine = await stack.enter_async_context(open_ready_database(config))
+        else:
+            engine = create_engine(config)  # connects only if used
+            stack.push_async_callback(engine.dispose)
+        rpc = AgentRPCClient(default_timeout=rpc_timeout)
+        stack.push_async_callback(rpc.close)
+        yield Registry(config, redis, engine, rpc)
