@@ -6,6 +6,7 @@ A keypair only ever sees its own kernels: another key's kernel id is
 from __future__ import annotations
 
 import time
+from urllib.parse import unquote
 
 from aiohttp import BodyPartReader, web
 
@@ -94,7 +95,8 @@ async def upload(request: web.Request) -> web.Response:
                 continue
             if len(files) >= MAX_UPLOAD_FILES:
                 raise InvalidAPIParameters(f"At most {MAX_UPLOAD_FILES} files per upload.")
-            name = sanitize_filename(part.filename)
+            # aiohttp clients percent-encode file names, requests sends them raw
+            name = sanitize_filename(unquote(part.filename))
             files.append((name, await _read_limited(part, name, limit)))
     except (ValueError, AssertionError) as exc:  # malformed multipart framing
         raise InvalidAPIParameters(f"Malformed multipart body: {exc}") from None
