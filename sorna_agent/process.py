@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -21,10 +22,49 @@ log = logging.getLogger(__name__)
 RUNNER_FILE = Path(__file__).with_name("runner.py")
 HEADER = struct.Struct(">I")
 READY_TIMEOUT = 20.0
+MAX_FRAME_BYTES = 64 << 20
 
 
 class RunnerDied(Exception):
     """The runner process went away while we waited for it."""
+
+
+class _Channel(asyncio.Protocol):
+    """Frames from the runner: parsed in data_received, handed to one waiter."""
+
+    def __init__(self, owner: "RunnerProcess"):
+        self.owner = owner
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buffer
+        buf += data
+        while len(buf) >= HEADER.size:
+            (size,) = HEADER.unpack_from(buf)
+            if size > MAX_FRAME_BYTES:
+                log.warning("runner %s sent a frame of %d bytes: killing it",
+                            self.owner.pid, size)
+                buf.clear()
+                assert self.transport is not None
+                self.transport.abort()
+                return
+            if len(buf) < HEADER.size + size:
+                return
+            body = bytes(buf[HEADER.size:HEADER.size + size])
+            del buf[:HEADER.size + size]
+            try:
+                msg = json.loads(body)
+            except ValueError:
+                log.warning("runner %s sent an undecodable frame", self.owner.pid)
+                continue
+            self.owner._deliver(msg)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner._closed()
 
 
 class RunnerProcess:
@@ -37,13 +77,14 @@ class RunnerProcess:
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None          # the kernel process (outer pid)
         self.init_pid: int | None = None     # PID 1 of its namespace, when it has one
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.transport: asyncio.Transport | None = None
+        self.inbox: collections.deque[dict[str, Any]] = collections.deque()
+        self.waiter: asyncio.Future | None = None
+        self.seq = 0                          # number of the last request sent
         self.alive = False
         self.killed = False
         self.on_exit: Callable[["RunnerProcess"], None] | None = None
-        self._pump_task: asyncio.Task | None = None
+        self._gone: asyncio.Event | None = None
 
     def spec(self, fd: int, isolation: Isolation, rlimits: dict[str, int],
              max_output: int) -> str:
@@ -84,9 +125,17 @@ class RunnerProcess:
             raise
         finally:
             theirs.close()
-        self.reader, self.writer = await asyncio.open_unix_connection(sock=ours)
+        loop = asyncio.get_running_loop()
+        self._gone = asyncio.Event()
         self.alive = True
-        self._pump_task = asyncio.create_task(self._pump(), name=f"runner-{self.proc.pid}")
+        try:
+            self.transport, _ = await loop.create_unix_connection(lambda: _Channel(self),
+                                                                  sock=ours)
+        except BaseException:
+            ours.close()
+            self.alive = False
+            self._gone.set()
+            raise
         try:
             ready = await asyncio.wait_for(self.receive(), READY_TIMEOUT)
         except (TimeoutError, RunnerDied):
@@ -98,34 +147,49 @@ class RunnerProcess:
         self.pid = int(ready["pid"])
         self.init_pid = ready.get("init_pid")
 
-    async def _pump(self) -> None:
-        assert self.reader is not None
-        try:
-            while True:
-                header = await self.reader.readexactly(HEADER.size)
-                (size,) = HEADER.unpack(header)
-                body = await self.reader.readexactly(size)
-                self.inbox.put_nowait(json.loads(body))
-        except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError):
-            pass
-        finally:
-            self.alive = False
-            self.inbox.put_nowait(None)
-            if self.on_exit is not None and not self.killed:
-                self.on_exit(self)
+    def _deliver(self, msg: dict[str, Any]) -> None:
+        if msg.get("seq", self.seq) != self.seq:
+            log.debug("runner %s: dropped a stale reply %r", self.pid, msg.get("type"))
+            return
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            self.waiter = None
+            waiter.set_result(msg)
+        else:
+            self.inbox.append(msg)
+
+    def _closed(self) -> None:
+        self.alive = False
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(RunnerDied("the kernel process is gone"))
+        if self._gone is not None:
+            self._gone.set()
+        if self.on_exit is not None and not self.killed:
+            self.on_exit(self)
 
     def send(self, msg: dict[str, Any]) -> None:
-        if not self.alive or self.writer is None:
+        if not self.alive or self.transport is None:
             raise RunnerDied("the kernel process is gone")
+        self.seq += 1
+        self.inbox.clear()  # anything unread belongs to an earlier request
+        msg = {**msg, "seq": self.seq}
         data = json.dumps(msg, ensure_ascii=False).encode("utf-8", "surrogateescape")
-        self.writer.write(HEADER.pack(len(data)) + data)
+        self.transport.write(HEADER.pack(len(data)) + data)
 
-    async def receive(self) -> dict[str, Any]:
-        msg = await self.inbox.get()
-        if msg is None:
-            self.inbox.put_nowait(None)  # later readers see the end too
-            raise RunnerDied("the kernel process is gone")
-        return msg
+    def receive(self) -> "asyncio.Future[dict[str, Any]]":
+        """A future for the next message (RunnerDied once the process is gone)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if self.inbox:
+            future.set_result(self.inbox.popleft())
+        elif not self.alive:
+            future.set_exception(RunnerDied("the kernel process is gone"))
+        else:
+            if self.waiter is not None and not self.waiter.done():
+                self.waiter.cancel()
+            self.waiter = future
+        return future
 
     async def request(self, msg: dict[str, Any]) -> dict[str, Any]:
         self.send(msg)
@@ -158,10 +222,13 @@ class RunnerProcess:
             except OSError:
                 pass
             await wait_process(self.proc)
-        if self.writer is not None:
-            self.writer.close()
-        if self._pump_task is not None:
-            await asyncio.gather(self._pump_task, return_exceptions=True)
+        if self.transport is not None:
+            self.transport.abort()
+        if self._gone is not None:
+            try:
+                await asyncio.wait_for(self._gone.wait(), 5)
+            except TimeoutError:
+                pass
         if self.uid is not None and self.init_pid is None:
             await asyncio.get_running_loop().run_in_executor(None, kill_uid, self.uid)
         self.alive = False

@@ -287,6 +287,9 @@ class BaseKernel:
         self.console = Console(int(spec.get("max_output") or (1 << 20)))
         self.capture = FdCapture(self.console)
         self.running = False  # SIGINT interrupts only while user code runs
+        self.seq = None       # number of the request being answered
+        self.pid = os.getpid()
+        self.code_cache = {}
         signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum, frame):
@@ -294,9 +297,15 @@ class BaseKernel:
             self.running = False
             raise KeyboardInterrupt
 
+    def reply(self, msg):
+        if os.getpid() != self.pid:
+            os._exit(0)  # a fork of the kernel fell back into the runner: it must not answer
+        msg["seq"] = self.seq
+        self.chan.send(msg)
+
     def finish(self, status="finished", **extra):
         self.capture.drain()
-        self.chan.send({"type": "done", "status": status, "console": self.console.take(), **extra})
+        self.reply({"type": "done", "status": status, "console": self.console.take(), **extra})
 
     def serve(self):
         while True:
@@ -308,6 +317,7 @@ class BaseKernel:
 
     def handle(self, msg):
         op = msg.get("op")
+        self.seq = msg.get("seq")
         if op == "assign":
             self.assign(msg)
         elif op == "exec":
@@ -315,13 +325,13 @@ class BaseKernel:
         elif op == "input":
             self.finish()  # no prompt is pending: nothing to answer
         elif op == "complete":
-            self.chan.send({"type": "completions", "items": self.complete(msg)})
+            self.reply({"type": "completions", "items": self.complete(msg)})
         elif op == "shell":
             self.run_shell(msg.get("cmd", ""))
         elif op == "ping":
-            self.chan.send({"type": "pong"})
+            self.reply({"type": "pong"})
         else:
-            self.chan.send({"type": "error", "message": f"unknown op {op!r}"})
+            self.reply({"type": "error", "message": f"unknown op {op!r}"})
 
     def assign(self, msg):
         import resource
@@ -335,7 +345,7 @@ class BaseKernel:
                     pass
         if msg.get("max_output"):
             self.console.limit = int(msg["max_output"])
-        self.chan.send({"type": "assigned"})
+        self.reply({"type": "assigned"})
 
     def run_shell(self, cmd):
         """Batch build/exec step: run a shell command, output captured."""
@@ -379,27 +389,38 @@ class PythonKernel(BaseKernel):
         was_running, self.running = self.running, False
         self.console.add("stdout", str(prompt))
         self.capture.drain()
-        self.chan.send({"type": "done", "status": "waiting-input",
-                        "console": self.console.take(),
-                        "options": {"is_password": bool(password)}})
+        self.reply({"type": "done", "status": "waiting-input", "console": self.console.take(),
+                    "options": {"is_password": bool(password)}})
         while True:
             try:
                 msg = self.chan.recv()
             except (EOFError, OSError):
                 os._exit(0)
             op = msg.get("op")
+            self.seq = msg.get("seq")
             if op in ("input", "exec"):
                 answer = msg.get("text", msg.get("code", ""))
                 self.running = was_running
                 return answer.rstrip("\n") if isinstance(answer, str) else ""
             if op == "complete":
-                self.chan.send({"type": "completions", "items": []})
+                self.reply({"type": "completions", "items": []})
             elif op == "assign":
                 self.assign(msg)
             else:
-                self.chan.send({"type": "error", "message": "waiting for input"})
+                self.reply({"type": "error", "message": "waiting for input"})
 
     def _compile(self, code):
+        cached = self.code_cache.get(code)
+        if cached is not None:
+            return cached
+        compiled = self._compile_new(code)
+        if len(code) < 4096:
+            if len(self.code_cache) >= 256:
+                self.code_cache.clear()
+            self.code_cache[code] = compiled
+        return compiled
+
+    def _compile_new(self, code):
         tree = self.ast.parse(code, "<input>", "exec")
         last = None
         if tree.body and isinstance(tree.body[-1], self.ast.Expr):

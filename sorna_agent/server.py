@@ -487,10 +487,22 @@ class Agent:
         timeout = kernel.limits.exec_timeout
         try:
             runner.send(msg)
+            reply = runner.receive()
+            timed_out = False
+
+            def on_timeout() -> None:
+                nonlocal timed_out
+                timed_out = True
+                reply.cancel()
+
+            timer = asyncio.get_running_loop().call_later(timeout, on_timeout)
             try:
-                return await asyncio.wait_for(runner.receive(), timeout)
-            except TimeoutError:
-                pass
+                return await reply
+            except asyncio.CancelledError:
+                if not timed_out:
+                    raise  # our caller was cancelled, not the timer
+            finally:
+                timer.cancel()
             runner.interrupt()
             note = f"\n[execution timed out after {timeout:g} s: the run was stopped]\n"
             try:
