@@ -180,3 +180,36 @@ def test_complete(harness):
     result = harness.ok("execute", kernel_id=kernel_id, mode="complete", code="",
                         opts={"line": "collections.Ord", "row": 0, "col": 15})
     assert "collections.OrderedDict(" in result["completions"]
+
+
+def test_bash_exec_timeout_keeps_the_session(harness_factory):
+    harness = harness_factory(exec_timeout=1)
+    kernel_id = harness.create("bash")
+    harness.query(kernel_id, "KEEP=yes")
+    error = harness.error("execute", kernel_id=kernel_id, mode="query",
+                          code="echo start; sleep 30; echo never")
+    assert error["type"] == proto.ERR_EXECUTION_TIMEOUT
+    assert "start" in stdout_of(error) and "never" not in stdout_of(error)
+    assert stdout_of(harness.query(kernel_id, "echo $KEEP")) == "yes\n"
+
+
+def test_kernel_that_exits_is_reported(harness):
+    kernel_id = harness.create("python3")
+    error = harness.error("execute", kernel_id=kernel_id, mode="query",
+                          code="import os\nos._exit(3)")
+    assert error["type"] == proto.ERR_EXECUTION_FAILED
+    event = harness.terminated(kernel_id)
+    assert event["reason"] == proto.REASON_EXITED
+    assert kernel_id not in harness.ok("list_kernels")
+
+
+def test_reset_destroys_everything(harness_factory):
+    harness = harness_factory(max_kernels=2)
+    first, second = harness.create("python3"), harness.create("bash")
+    assert harness.error("create_kernel", lang="python3")["type"] == proto.ERR_NO_CAPACITY
+    result = harness.ok("reset")
+    assert sorted(result["destroyed"]) == sorted([first, second])
+    for kernel_id in (first, second):
+        assert harness.terminated(kernel_id)["reason"] == proto.REASON_RESET
+    assert harness.ok("list_kernels") == {}
+    assert harness.create("python3")
