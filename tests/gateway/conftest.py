@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ OTHER_ACCESS = "AKIAOTHERKEY00000001"
 OTHER_SECRET = "otherSecretKey0123456789abcdefghijklmnop"
 VERSION = "v2.20170315"
 PROBLEM = "https://api.sorna.io/probs/"
+PG_URL_ENV = os.environ.get("SORNA_TEST_DB_URL")
 
 
 async def wait_for(predicate: Callable[[], Awaitable[Any]], timeout: float = 15.0,

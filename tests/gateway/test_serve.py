@@ -1,0 +1,185 @@
+"""`sorna serve` as a real process, used by the unchanged historic `sorna-client`.
+
+From an empty folder, `sorna serve --standalone` brings up embedded Redis and
+SQLite, the schema, the example keypair and a local agent; the client's `run`
+command (the one `lcc` runs) and its `Kernel` class then work against it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from .conftest import EXAMPLE_ACCESS, EXAMPLE_SECRET
+
+
+class ServeProcess:
+    def __init__(self, cwd: Path, args: list[str]):
+        self.cwd = cwd
+        self.log_path = cwd.parent / f"serve-{cwd.name}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sorna_cli", *args], cwd=cwd,
+            stdout=subprocess.DEVNULL, stderr=self.log_path.open("wb"))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(r"listening on (https?://[^\s)]+)", self.log())
+            if match and "press Ctrl-C" in self.log():
+                return match.group(1)
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.2)
+        raise AssertionError(f"serve did not get ready:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"serve did not stop within {timeout} s:\n{self.log()}")
+        return self.proc.returncode
+
+
+@pytest.fixture
+def serve(tmp_path, free_port):
+    started: list[ServeProcess] = []
+
+    def start(*extra: str, name: str = "empty") -> tuple[ServeProcess, dict[str, int]]:
+        folder = tmp_path / name
+        folder.mkdir()
+        ports = {"port": free_port(), "manager-port": free_port(),
+                 "events-port": free_port(), "agent-port": free_port()}
+        args = ["serve", "--host", "127.0.0.1", *extra]
+        for flag, port in ports.items():
+            args += [f"--{flag}", str(port)]
+        process = ServeProcess(folder, args)
+        started.append(process)
+        return process, ports
+
+    yield start
+    for process in started:
+        if process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait()
+
+
+def client_env(endpoint: str) -> dict[str, str]:
+    return {**os.environ, "SORNA_ENDPOINT": endpoint, "SORNA_ACCESS_KEY": EXAMPLE_ACCESS,
+            "SORNA_SECRET_KEY": EXAMPLE_SECRET}
+
+
+KERNEL_SCRIPT = textwrap.dedent("""
+    import json, sys, uuid
+    from sorna.kernel import Kernel
+    out = {}
+    token = uuid.uuid4().hex
+    kernel = Kernel.get_or_create("python3", token)
+    out["same"] = Kernel.get_or_create("python3", token).kernel_id == kernel.kernel_id
+    out["query"] = kernel.execute("a = 20\\nprint(a + 22)")
+    out["input"] = kernel.execute("name = input('who? ')\\nprint('hi', name)")
+    if out["input"]["status"] == "waiting-input":
+        out["input_answer"] = kernel.execute("sorna")
+    out["info"] = kernel.get_info()
+    kernel.restart()
+    out["after_restart"] = kernel.execute("print('a' in dir())")
+    resp = kernel.upload(["main.py"])
+    out["upload_status"] = resp.status
+    out["batch"] = kernel.execute("", mode="batch", opts={"build": "*", "exec": "*"})
+    kernel.destroy()
+    try:
+        kernel.get_info()
+        out["after_destroy"] = "still there"
+    except BaseException as exc:
+        out["after_destroy"] = repr(exc)
+    print(json.dumps(out))
+""")
+
+
+def stdout_text(result: dict) -> str:
+    return "".join(data for kind, data in result["console"] if kind == "stdout")
+
+
+def test_standalone_from_an_empty_folder_with_sorna_client(serve):
+    server, ports = serve("--standalone")
+    endpoint = server.wait_ready()
+    assert endpoint == f"http://127.0.0.1:{ports['port']}"
+    banner = server.log()
+    assert EXAMPLE_ACCESS in banner and EXAMPLE_SECRET in banner
+    assert "python -m sorna.cli run python3 -c 'print(1)'" in banner
+    assert (server.cwd / "sorna-data" / "sorna.db").is_file()
+
+    # the client's `run` command (what `lcc run` executes)
+    run = subprocess.run([sys.executable, "-m", "sorna.cli", "run", "python3", "-c", "print(1)"],
+                         env=client_env(endpoint), capture_output=True, text=True, timeout=60,
+                         cwd=server.cwd)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["1"], (run.stdout, run.stderr)
+    assert "Traceback" not in run.stderr
+
+    # its Kernel class, unchanged
+    (server.cwd / "main.py").write_text("print('batch', sum(range(5)))\n")
+    script = subprocess.run([sys.executable, "-c", KERNEL_SCRIPT], env=client_env(endpoint),
+                            capture_output=True, text=True, timeout=90, cwd=server.cwd)
+    assert script.returncode == 0, script.stderr
+    out = json.loads(script.stdout)
+    assert out["same"] is True
+    assert stdout_text(out["query"]) == "42\n"
+    assert out["input"]["status"] == "waiting-input"
+    assert "hi sorna" in stdout_text(out["input_answer"])
+    assert out["info"]["lang"] == "python3" and out["info"]["numQueriesExecuted"] >= 2
+    assert stdout_text(out["after_restart"]) == "False\n"
+    assert out["upload_status"] == 204
+    assert "batch 10" in stdout_text(out["batch"])
+    assert "404" in out["after_destroy"] and "kernel-not-found" in out["after_destroy"]
+
+    # headers every response carries
+    resp = requests.get(endpoint + "/v2", timeout=10)
+    assert resp.headers["Server"].startswith("Sorna-API/")
+    assert resp.headers["X-RateLimit-Limit"]
+
+    assert server.stop() == 0
+    log = server.log()
+    assert re.search(r"POST /v2/kernel/create 201 [\d.]+ms " + EXAMPLE_ACCESS, log), log
+    assert re.search(r"GET /v2 200 [\d.]+ms -", log)
+    assert "gateway stopped" in log
+    with pytest.raises(requests.ConnectionError):
+        requests.get(endpoint + "/v2", timeout=2)
+
+
+def test_workers_share_the_port_and_a_second_signal_forces_exit(serve):
+    server, ports = serve("--standalone", "--workers", "2", name="workers")
+    endpoint = server.wait_ready()
+    for _ in range(30):  # fresh connections spread over both workers
+        with requests.Session() as session:
+            assert session.get(endpoint + "/v2", timeout=10).status_code == 200
+    run = subprocess.run([sys.executable, "-m", "sorna.cli", "run", "python3", "-c",
+                          "print(6*7)"], env=client_env(endpoint), capture_output=True,
+                         text=True, timeout=60, cwd=server.cwd)
+    assert run.stdout.splitlines() == ["42"], run.stderr
+    log = server.log()
+    assert "[w0]" in log and "[w1]" in log
+    assert len(set(re.findall(r"\[(w\d)\] sorna\.access", log))) == 2, log
+    assert log.count("legacy ZMQ interface listening") == 1  # only worker 0 binds ZMQ
+    server.proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    started = time.monotonic()
+    code = server.stop(signal.SIGINT, timeout=20)
+    assert code != 0
+    assert time.monotonic() - started < 10
+    assert "forced exit" in server.log()
