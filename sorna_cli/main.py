@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from typing import Any
 
@@ -52,6 +53,12 @@ class LazyGroup(click.Group):
         return getattr(module, attr)
 
 
+def _debug_requested(argv: list[str]) -> bool:
+    """`--debug` or a true SORNA_DEBUG (read before the config, which may be what fails)."""
+    env = os.environ.get("SORNA_DEBUG", "").strip().lower()
+    return "--debug" in argv or env in {"1", "true", "yes", "on"}
+
+
 class SornaGroup(LazyGroup):
     """The root group; its `main` is the error boundary, so CliRunner tests exercise it too.
 
@@ -62,7 +69,7 @@ class SornaGroup(LazyGroup):
     def main(self, args: Any = None, prog_name: str | None = None,  # type: ignore[override]
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
-        debug = "--debug" in argv
+        debug = _debug_requested(argv)
         try:
             result = super().main(argv, prog_name or "sorna", complete_var,
                                   standalone_mode=False, **extra)
@@ -124,5 +131,5 @@ def _configure_logging(debug: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    _configure_logging("--debug" in args)
+    _configure_logging(_debug_requested(list(args)))
     cli.main(args, prog_name="sorna")

@@ -69,6 +69,9 @@ def test_unreachable_database_in_a_real_process(free_port, tmp_path: Path) -> No
     assert "hunter2" not in result.stderr and "Traceback" not in result.stderr
     debug = run_sorna("--debug", "keypair", "list", env={"SORNA_DB_URL": url}, cwd=tmp_path)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+    debug = run_sorna("keypair", "list", env={"SORNA_DB_URL": url, "SORNA_DEBUG": "true"},
+                      cwd=tmp_path)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
 
 
 @pytest.mark.skipif(not PG_URL, reason="needs SORNA_TEST_DB_URL")

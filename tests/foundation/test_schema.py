@@ -128,3 +128,19 @@ def test_commands_need_a_schema(sorna) -> None:
     result = sorna("keypair", "list")
     assert result.exit_code == 1
     assert "has no Sorna schema" in result.stderr and "sorna schema oneshot head" in result.stderr
+
+
+def test_plain_alembic_command_uses_sorna_settings(sorna, db_url: str, tmp_path: Path) -> None:
+    """`alembic -c alembic.ini upgrade head` reads the database from SORNA_DB_URL too."""
+    import os
+    import subprocess
+    import sys
+
+    ini = tmp_path / "alembic.ini"
+    ini.write_text(f"[alembic]\nscript_location = {schema.migrations_dir()}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SORNA_")}
+    result = subprocess.run([sys.executable, "-m", "alembic", "-c", str(ini), "upgrade", "head"],
+                            env={**env, "SORNA_DB_URL": db_url}, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert sorna.json("schema", "current")["revisions"] == [HEAD]
