@@ -11,6 +11,10 @@ if TYPE_CHECKING:
     from sorna_server.config import SornaConfig
 
 
+class AgentStartError(Exception):
+    """The agent cannot start: bad address, port in use, no usable language."""
+
+
 def run(config: "SornaConfig") -> None:
     import asyncio
 

@@ -43,11 +43,15 @@ class Kernel:
     pty: "PtySession | None" = None
     usage: KernelUsage = field(default_factory=KernelUsage)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    available: asyncio.Event = field(default_factory=asyncio.Event)
     waiting_input: bool = False
     batch_built: bool = False
     busy: int = 0
     closing: bool = False
     restarting: bool = False
+
+    def __post_init__(self) -> None:
+        self.available.set()
 
     @property
     def uid(self) -> int | None:

@@ -108,7 +108,10 @@ def fork_into_pid_namespace(ctl_fd):
 
 def apply_limits_and_drop(spec):
     import resource
-    os.setsid()
+    try:
+        os.setsid()
+    except OSError:
+        pass  # already a session leader (started with a new session)
     os.chdir(spec["workdir"])
     names = {"as": resource.RLIMIT_AS, "cpu": resource.RLIMIT_CPU,
              "nproc": resource.RLIMIT_NPROC, "fsize": resource.RLIMIT_FSIZE,

@@ -27,9 +27,10 @@ from sorna_server import __version__
 from sorna_server import agent_protocol as proto
 from sorna_server.config import SornaConfig, parse_size
 
+from . import AgentStartError
 from .events import EventSender
 from .kernel import Kernel, KernelLimits, rlimits_for
-from .languages import Language, load_catalogue, world_searchable
+from .languages import CatalogueError, Language, load_catalogue, world_searchable
 from .pool import WarmPool
 from .process import RunnerDied, RunnerProcess
 from .pty import PtySession
@@ -43,6 +44,7 @@ INTERRUPT_GRACE = 1.0       # seconds a run gets to stop after SIGINT before a k
 COMPLETE_TIMEOUT = 5.0
 SHUTDOWN_LINGER = 3.0       # seconds to deliver the last events at shutdown
 MAX_KERNEL_ID = 128
+MIN_KERNEL_MEM = 32 << 20
 
 
 class RPCError(Exception):
@@ -75,7 +77,10 @@ class Agent:
     def __init__(self, config: SornaConfig):
         self.config = config
         self.instance_id = config.agent_instance_id or f"i-{socket.gethostname()}"
-        self.bind_host, self.port = split_bind_addr(config.agent_bind_addr)
+        try:
+            self.bind_host, self.port = split_bind_addr(config.agent_bind_addr)
+        except ValueError as exc:
+            raise AgentStartError(f"invalid setting agent_rpc_addr: {exc}") from None
         self.addr = f"tcp://{_advertise_host(self.bind_host, config.agent_advertise_host)}" \
                     f":{self.port}"
         self.scratch = Path(config.agent_scratch_dir or (config.data_dir / "agent-scratch"))
@@ -108,9 +113,12 @@ class Agent:
 
     async def start(self) -> None:
         self.isolation = probe_isolation()
-        self.languages = load_catalogue(for_other_users=self.isolation.uid_switch)
+        try:
+            self.languages = load_catalogue(for_other_users=self.isolation.uid_switch)
+        except CatalogueError as exc:
+            raise AgentStartError(str(exc)) from None
         if not self.languages:
-            raise RuntimeError("no language of the catalogue has a usable interpreter")
+            raise AgentStartError("no language of the catalogue has a usable interpreter")
         self.scratch = self._usable_scratch(self.scratch)
         uid_count = self.config.agent_max_kernels + self.config.agent_pool_size * \
             len(self.languages) + 8
@@ -119,7 +127,11 @@ class Agent:
         self.rpc = self.ctx.socket(zmq.ROUTER)
         self.rpc.setsockopt(zmq.LINGER, 0)
         self.rpc.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.rpc.bind(self.config.agent_bind_addr)
+        try:
+            self.rpc.bind(self.config.agent_bind_addr)
+        except zmq.ZMQError as exc:
+            raise AgentStartError(f"cannot listen on {self.config.agent_bind_addr}: {exc}") \
+                from None
         self.events = EventSender(self.ctx, self.instance_id, self.config.agent_managers,
                                   self.config.agent_event_queue_size)
         self.events.start()
@@ -260,7 +272,10 @@ class Agent:
         try:
             mem = given.get("maxMem", given.get("max_mem"))
             if mem:
-                limits.max_mem = min(limits.max_mem, parse_size(mem))
+                mem = parse_size(mem)
+                if mem < MIN_KERNEL_MEM:
+                    raise ValueError("maxMem must be at least 32m")
+                limits.max_mem = min(limits.max_mem, mem)
             timeout = given.get("execTimeout", given.get("exec_timeout"))
             if timeout:
                 timeout = float(timeout)
@@ -269,8 +284,6 @@ class Agent:
                 limits.exec_timeout = min(limits.exec_timeout, timeout)
         except (ValueError, TypeError) as exc:
             raise RPCError(proto.ERR_INVALID_ARGS, f"bad limits: {exc}") from None
-        if limits.max_mem < (32 << 20):
-            raise RPCError(proto.ERR_INVALID_ARGS, "maxMem must be at least 32m")
         return limits
 
     async def terminate(self, kernel: Kernel, reason: str) -> dict[str, Any]:
@@ -306,6 +319,7 @@ class Agent:
     async def _replace_runner(self, kernel: Kernel) -> None:
         """Fresh process for the same kernel (same uid, same folder, new PTY ports)."""
         kernel.restarting = True
+        kernel.available.clear()
         try:
             await self._measure(kernel)
             kernel.usage.close_run()
@@ -324,6 +338,7 @@ class Agent:
             kernel.batch_built = False
         finally:
             kernel.restarting = False
+            kernel.available.set()
 
     async def _assign(self, runner: RunnerProcess, limits: KernelLimits) -> None:
         reply = await asyncio.wait_for(
@@ -407,6 +422,7 @@ class Agent:
         mode, code = args["mode"], args["code"]
         opts = args.get("opts") or {}
         async with kernel.lock:
+            await kernel.available.wait()
             if kernel.closing:
                 raise RPCError(proto.ERR_KERNEL_NOT_FOUND, f"kernel {kernel.id!r} has ended")
             kernel.busy += 1

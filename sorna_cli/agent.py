@@ -43,8 +43,11 @@ def agent(cli: CliContext, agent_managers: tuple[str, ...], **flags: object) -> 
         flags["agent_managers"] = list(agent_managers)
     config = cli.reload(**flags)
     _log_to_stderr(config.log_level if not cli.debug else "DEBUG")
-    from sorna_agent import run
-    run(config)
+    from sorna_agent import AgentStartError, run
+    try:
+        run(config)
+    except AgentStartError as exc:
+        raise click.ClickException(f"the agent cannot start: {exc}") from None
 
 
 def _log_to_stderr(level: str) -> None:

@@ -173,3 +173,14 @@ def test_events_wait_bounded_until_a_manager_listens(agent_factory, free_port):
         dealer.close(0)
         pull.close(0)
         ctx.term()
+
+
+def test_cli_refuses_a_bad_address_with_one_line(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "sorna_cli", "--data-dir", str(tmp_path), "agent",
+                           "--rpc-addr", "not-an-address"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode != 0
+    assert "agent_rpc_addr" in proc.stderr
+    assert "Traceback" not in proc.stderr
