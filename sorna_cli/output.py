@@ -11,7 +11,6 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print JSON for scripts instead of a table.")
 
@@ -38,7 +37,8 @@ def console(stderr: bool = False) -> Console:
     return out
 
 
-def print_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None) -> None:
+def print_table(columns: Sequence[str], rows: Iterable[Sequence[Any]],
+                title: str | None = None) -> None:
     table = Table(title=title, show_lines=False)
     for index, column in enumerate(columns):
         # the first column is the identifier: never wrapped, so it can be copied

@@ -86,7 +86,8 @@ DB_SCHEMES = ("postgresql", "postgres", "sqlite")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
-def _check_scheme(url: SecretStr | None, allowed: tuple[str, ...], example: str) -> SecretStr | None:
+def _check_scheme(url: SecretStr | None, allowed: tuple[str, ...],
+                  example: str) -> SecretStr | None:
     """Validate a URL's scheme without ever echoing the URL (it may hold a password)."""
     if url is None:
         return None

@@ -166,7 +166,8 @@ def validate_fixture(data: Any, source: str) -> dict[str, list[dict[str, Any]]]:
     for table_name, rows in data.items():
         table = metadata.tables.get(table_name)
         if table is None:
-            raise fail(f"unknown table {table_name!r} (tables: {', '.join(sorted(metadata.tables))})")
+            known = ", ".join(sorted(metadata.tables))
+            raise fail(f"unknown table {table_name!r} (tables: {known})")
         if not isinstance(rows, list):
             raise fail(f"{table_name}: expected a list of rows")
         checked_rows = []
@@ -255,7 +256,8 @@ async def populate(engine: AsyncEngine, name_or_path: str | os.PathLike) -> Popu
     name = path.stem
     reports: list[TableReport] = []
     async with engine.begin() as conn:
-        present = set(await conn.run_sync(lambda sync_conn: sa.inspect(sync_conn).get_table_names()))
+        present = set(await conn.run_sync(
+            lambda sync_conn: sa.inspect(sync_conn).get_table_names()))
         missing = sorted(set(data) - present)
         if missing:
             raise FixtureError(f"the database has no table {missing[0]!r}; "

@@ -220,7 +220,8 @@ async def open_ready_database(config: SornaConfig) -> AsyncIterator[AsyncEngine]
         yield engine
 
 
-def history(config: SornaConfig, *, ini_file: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+def history(config: SornaConfig, *,
+            ini_file: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """The migration scripts, newest first (no database needed)."""
     cfg = alembic_config(config, ini_file)
     script = _script(cfg)

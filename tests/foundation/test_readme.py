@@ -158,14 +158,15 @@ SECTIONS = {"config-table": config_table, "command-reference": command_reference
 
 
 def _block(name: str) -> re.Pattern[str]:
-    return re.compile(rf"(<!-- BEGIN GENERATED {name}[^\n]*-->\n)(.*?)(<!-- END GENERATED {name} -->)",
-                      re.DOTALL)
+    begin, end = rf"<!-- BEGIN GENERATED {name}[^\n]*-->\n", rf"<!-- END GENERATED {name} -->"
+    return re.compile(rf"({begin})(.*?)({end})", re.DOTALL)
 
 
 def render(text: str) -> str:
     for name, generate in SECTIONS.items():
+        body = generate()
         text, count = _block(name).subn(
-            lambda match: f"{match.group(1)}{generate()}\n{match.group(3)}", text)
+            lambda match, body=body: f"{match.group(1)}{body}\n{match.group(3)}", text)
         assert count == 1, f"README.md needs exactly one generated {name} block"
     return text
 
