@@ -112,7 +112,7 @@ class Agent:
     # --- start and stop ------------------------------------------------------
 
     async def start(self) -> None:
-        self.isolation = probe_isolation()
+        self.isolation = probe_isolation(want=self.config.agent_isolation != "none")
         try:
             self.languages = load_catalogue(for_other_users=self.isolation.uid_switch)
         except CatalogueError as exc:

@@ -174,6 +174,9 @@ class SornaConfig(BaseSettings):
     agent_stats_interval: float = Field(default=5.0, gt=0)
     agent_event_queue_size: int = Field(
         default=256, ge=1, description="events kept while no manager listens")
+    agent_isolation: str = Field(
+        default="auto", pattern="^(auto|none)$",
+        description="auto: own uid and namespaces where possible; none: plain processes")
 
     @field_validator("agent_max_mem", "agent_max_file_size", "agent_max_output",
                      "max_upload_size", mode="before")

@@ -90,6 +90,30 @@ def stderr_of(result: dict) -> str:
     return "".join(data for kind, data in result["console"] if kind == "stderr")
 
 
+def pty_exchange(harness: Harness, created: dict, keys: bytes, expect: bytes,
+                 timeout: float = 15.0) -> bytes:
+    """Type `keys` into a kernel's PTY until `expect` shows up in its output."""
+    stdin = harness.ctx.socket(zmq.PUB)
+    stdout = harness.ctx.socket(zmq.SUB)
+    try:
+        for sock in (stdin, stdout):
+            sock.setsockopt(zmq.LINGER, 0)
+        stdout.setsockopt(zmq.SUBSCRIBE, b"")
+        stdin.connect(f"tcp://127.0.0.1:{created['stdin_port']}")
+        stdout.connect(f"tcp://127.0.0.1:{created['stdout_port']}")
+        received = b""
+        deadline = time.monotonic() + timeout
+        while expect not in received and time.monotonic() < deadline:
+            stdin.send(keys)
+            while stdout.poll(500):
+                received += stdout.recv()
+        assert expect in received, received
+        return received
+    finally:
+        stdin.close(0)
+        stdout.close(0)
+
+
 @pytest.fixture
 def harness_factory(agent_factory, free_port):
     """`harness_factory(**agent_flags)` -> a Harness around a fresh agent."""

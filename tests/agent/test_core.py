@@ -7,7 +7,7 @@ import psutil
 
 from sorna_server import agent_protocol as proto
 
-from .conftest import stderr_of, stdout_of
+from .conftest import pty_exchange, stderr_of, stdout_of
 
 
 def test_ping_and_started_event(harness):
@@ -46,9 +46,14 @@ def test_bash_session_keeps_cwd_and_variables(harness):
     assert "nope" in stderr_of(harness.query(kernel_id, "ls nope"))
 
 
-def test_destroy_reports_stats_and_event(harness):
+def test_destroy_reports_stats_and_event(harness_factory):
+    harness = harness_factory(stats_interval=0.3)
     kernel_id = harness.create("python3")
     harness.query(kernel_id, "sum(range(10**6))")
+    periodic = harness.wait_event(lambda e: e["type"] == "instance_stats"
+                                  and kernel_id in e["stats"])
+    assert set(periodic["stats"][kernel_id]) == set(proto.STATS_FIELDS)
+    assert periodic["stats"][kernel_id]["cpu_used"] > 0
     stats = harness.ok("destroy_kernel", kernel_id=kernel_id)
     assert set(stats) == set(proto.STATS_FIELDS)
     assert stats["mem_max_bytes"] > 1 << 20
@@ -88,32 +93,14 @@ def test_slow_kernel_does_not_delay_another(harness):
 
 
 def test_pty_round_trip_and_resize(harness):
-    import zmq
     created = harness.ok("create_kernel", lang="bash")
-    kernel_id = created["kernel_id"]
-    host = "127.0.0.1"
-    stdin = harness.ctx.socket(zmq.PUB)
-    stdout = harness.ctx.socket(zmq.SUB)
-    try:
-        for sock in (stdin, stdout):
-            sock.setsockopt(zmq.LINGER, 0)
-        stdout.setsockopt(zmq.SUBSCRIBE, b"")
-        stdin.connect(f"tcp://{host}:{created['stdin_port']}")
-        stdout.connect(f"tcp://{host}:{created['stdout_port']}")
-        assert harness.ok("resize_pty", kernel_id=kernel_id, rows=30, cols=100) == {}
-        received = b""
-        deadline = time.monotonic() + 15
-        while b"pty-42" not in received and time.monotonic() < deadline:
-            stdin.send(b"echo pty-$((6*7)); stty size\n")
-            while stdout.poll(500):
-                received += stdout.recv()
-        assert b"pty-42" in received, received
-        assert b"30 100" in received
-        assert harness.error("resize_pty", kernel_id=kernel_id, rows=0,
-                             cols=10)["type"] == proto.ERR_INVALID_ARGS
-    finally:
-        stdin.close(0)
-        stdout.close(0)
+    assert harness.ok("resize_pty", kernel_id=created["kernel_id"], rows=30, cols=100) == {}
+    received = pty_exchange(harness, created, b"echo pty-$((6*7)); stty size\n", b"pty-42")
+    assert b"30 100" in received
+    assert harness.error("resize_pty", kernel_id=created["kernel_id"], rows=0,
+                         cols=10)["type"] == proto.ERR_INVALID_ARGS
+    created = harness.ok("create_kernel", lang="python3")
+    pty_exchange(harness, created, b"print(6 * 7 * 1000)\n", b"42000")
 
 
 def test_sigterm_destroys_kernels_and_reports_everything(harness):
