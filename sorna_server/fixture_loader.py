@@ -102,8 +102,10 @@ def resolve_fixture(name_or_path: str | os.PathLike) -> Path:
     text = os.fspath(name_or_path)
     if _looks_like_path(text):
         path = Path(text)
-        if not path.is_file():
+        if not path.exists():
             raise FixtureNotFound(f"fixture file {path} does not exist")
+        if not path.is_file():
+            raise FixtureNotFound(f"fixture {path} is not a file")
         return path
     path = fixtures_dir() / f"{text}.json"
     if not path.is_file():

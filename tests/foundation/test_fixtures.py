@@ -139,3 +139,18 @@ def test_populate_without_schema_says_how_to_fix(sorna) -> None:
     result = sorna("fixture", "populate", "example_keypair")
     assert result.exit_code == 1
     assert "sorna schema oneshot head" in result.stderr
+
+
+def test_fixture_path_that_is_a_folder(ready_sorna, tmp_path) -> None:
+    folder = tmp_path / "fixtures.json"
+    folder.mkdir()
+    result = ready_sorna("fixture", "populate", str(folder))
+    assert result.exit_code == 2 and "is not a file" in result.stderr
+
+
+def test_fixture_file_that_is_not_utf8(ready_sorna, tmp_path) -> None:
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'{"keypairs": [{"billing_plan": "\xe9"}]}')
+    result = ready_sorna("fixture", "populate", str(path))
+    assert result.exit_code == 2
+    assert f"fixture {path}: cannot read it" in result.stderr
