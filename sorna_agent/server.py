@@ -293,16 +293,22 @@ class Agent:
         kernel.closing = True
         self.kernels.pop(kernel.id, None)
         loop = asyncio.get_running_loop()
-        stats = await self._measure(kernel)
-        if kernel.pty is not None:
-            await kernel.pty.close()
-        await kernel.runner.kill()
-        await loop.run_in_executor(None, remove_workdir, kernel.workdir)
-        if kernel.uid is not None and self.uids is not None:
-            self.uids.give_back(kernel.uid)
-        assert self.events is not None
-        self.events.emit("kernel_terminated", kernel_id=kernel.id, reason=reason, stats=stats)
-        log.info("kernel %s (%s) terminated: %s", kernel.id, kernel.lang.name, reason)
+        stats = dict(kernel.usage.last)
+        try:
+            stats = await self._measure(kernel)
+            if kernel.pty is not None:
+                await kernel.pty.close()
+            await kernel.runner.kill()
+            await loop.run_in_executor(None, remove_workdir, kernel.workdir)
+            if kernel.uid is not None and self.uids is not None:
+                self.uids.give_back(kernel.uid)
+        except Exception:
+            log.exception("kernel %s: clean-up failed", kernel.id)
+        finally:
+            assert self.events is not None
+            self.events.emit("kernel_terminated", kernel_id=kernel.id, reason=reason,
+                             stats=stats)
+            log.info("kernel %s (%s) terminated: %s", kernel.id, kernel.lang.name, reason)
         return stats
 
     async def _measure(self, kernel: Kernel) -> dict[str, Any]:
@@ -384,14 +390,16 @@ class Agent:
                     from None
             try:
                 await self._assign(runner, limits)
-            except (RunnerDied, TimeoutError, OSError) as exc:
-                await self.discard_runner(runner)
-                raise RPCError(proto.ERR_CREATION_FAILED, f"cannot start a kernel: {exc}") \
-                    from None
-            kernel = Kernel(id=kernel_id, lang=lang, limits=limits, isolation=self.isolation,
-                            runner=runner)
-            self._watch(kernel, runner)
-            kernel.pty = PtySession(self.ctx, self.bind_host, kernel)
+                kernel = Kernel(id=kernel_id, lang=lang, limits=limits,
+                                isolation=self.isolation, runner=runner)
+                self._watch(kernel, runner)
+                kernel.pty = PtySession(self.ctx, self.bind_host, kernel)
+            except BaseException as exc:
+                await asyncio.shield(self.discard_runner(runner))
+                if isinstance(exc, (RunnerDied, TimeoutError, OSError, zmq.ZMQError)):
+                    raise RPCError(proto.ERR_CREATION_FAILED,
+                                   f"cannot start a kernel: {exc}") from None
+                raise
             if args.get("mounts"):
                 log.info("kernel %s: mounts are not supported by this agent; ignored", kernel_id)
             self.kernels[kernel_id] = kernel
