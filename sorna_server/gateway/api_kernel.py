@@ -73,7 +73,8 @@ async def destroy(request: web.Request) -> web.Response:
 async def execute(request: web.Request) -> web.Response:
     body = parse(Execute, await json_body(request))
     service = request.app[keys.KERNELS]
-    record = await service.get_owned(request[ACCESS_KEY], request.match_info["kernel_id"])
+    record = await service.get_owned(request[ACCESS_KEY], request.match_info["kernel_id"],
+                                     fresh=False)
     result = await service.execute(record, body.mode, body.code or "", body.options)
     return web.json_response({"result": result})
 

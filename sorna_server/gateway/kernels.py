@@ -38,6 +38,8 @@ from . import errors
 log = logging.getLogger(__name__)
 
 SESSION_WAIT_POLL = 0.05
+RECORD_CACHE_TTL = 2.0  # seconds a kernel record may be reused for execute/upload
+RECORD_CACHE_SIZE = 10000
 ROW_GRACE = 2.0  # seconds a bound session may point at a kernel without a DB row
 CREATE_ATTEMPTS = 4
 EXEC_MARGIN = 3.0
@@ -57,14 +59,34 @@ class KernelService:
         self.create_timeout = max(config.agent_rpc_timeout, 5.0) * 3
         self._port_watchers: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._background: set[asyncio.Task[Any]] = set()
+        self._records: dict[str, tuple[float, KernelRecord]] = {}
 
     # --- lookup -------------------------------------------------------------
-    async def get_owned(self, access_key: str, kernel_id: str) -> KernelRecord:
-        """The kernel if it exists and belongs to `access_key`; else kernel-not-found."""
+    async def get_owned(self, access_key: str, kernel_id: str, *,
+                        fresh: bool = True) -> KernelRecord:
+        """The kernel if it exists and belongs to `access_key`; else kernel-not-found.
+
+        `fresh=False` may answer from a short-lived local copy (owner, agent and
+        limits of a kernel never change; a kernel that ended meanwhile is
+        reported by its agent as not found).
+        """
+        if not fresh:
+            cached = self._records.get(kernel_id)
+            if cached is not None and cached[0] > time.monotonic():
+                record = cached[1]
+                if record.access_key != access_key:
+                    raise errors.KernelNotFound(f"No kernel {kernel_id!r} for this access key.")
+                return record
         record = await self.registry.get_kernel(kernel_id) if _plausible_id(kernel_id) else None
         if record is None or record.access_key != access_key:
             raise errors.KernelNotFound(f"No kernel {kernel_id!r} for this access key.")
+        if len(self._records) >= RECORD_CACHE_SIZE:
+            self._records.clear()
+        self._records[kernel_id] = (time.monotonic() + RECORD_CACHE_TTL, record)
         return record
+
+    def forget(self, kernel_id: str) -> None:
+        self._records.pop(kernel_id, None)
 
     # --- create -------------------------------------------------------------
     async def get_or_create(self, access_key: str, lang: str, token: str | None,
@@ -216,6 +238,7 @@ class KernelService:
 
     # --- operations on a kernel -----------------------------------------------
     async def destroy(self, record: KernelRecord) -> None:
+        self.forget(record.id)
         try:
             stats = await self.rpc.call(record.addr, "destroy_kernel",
                                         {"kernel_id": record.id,
@@ -251,7 +274,9 @@ class KernelService:
 
     async def execute(self, record: KernelRecord, mode: str, code: str,
                       opts: dict[str, Any] | None) -> dict[str, Any]:
-        touch = asyncio.ensure_future(self.registry.touch_kernel(record.id))
+        # counted concurrently with the run; sent first, so it lands before the reply
+        self._in_background(_settled(self.registry.touch_kernel(record.id),
+                                     f"touch of kernel {record.id}"))
         try:
             result = await self.rpc.call(
                 record.addr, "execute",
@@ -259,13 +284,12 @@ class KernelService:
                 timeout=self.exec_deadline(record, mode))
         except AgentError as exc:
             if exc.type == proto.ERR_KERNEL_NOT_FOUND:
+                self.forget(record.id)
                 raise errors.KernelNotFound(**agent_error_fields(exc)) from None
             if exc.type == proto.ERR_INVALID_ARGS:
                 raise errors.InvalidAPIParameters(exc.message, **agent_error_fields(exc)) \
                     from None
             raise errors.KernelExecutionFailed(**agent_error_fields(exc)) from None
-        finally:
-            await _settled(touch, f"touch of kernel {record.id}")
         return result
 
     async def upload(self, record: KernelRecord, name: str, data: bytes) -> None:
@@ -310,9 +334,9 @@ class KernelService:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _settled(future: asyncio.Future[Any], what: str) -> None:
+async def _settled(awaitable: Any, what: str) -> None:
     try:
-        await future
+        await awaitable
     except Exception as exc:  # bookkeeping must not fail the request that did the work
         log.warning("%s failed: %s", what, exc)
 

@@ -73,10 +73,14 @@ def serve(tmp_path, free_port):
         return process, ports
 
     yield start
-    for process in started:
+    for process in started:  # a graceful stop also stops the embedded Redis and the agent
         if process.proc.poll() is None:
-            process.proc.kill()
-            process.proc.wait()
+            process.proc.terminate()
+            try:
+                process.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                process.proc.kill()
+                process.proc.wait()
 
 
 def client_env(endpoint: str) -> dict[str, str]:
