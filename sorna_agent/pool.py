@@ -17,6 +17,7 @@ from .process import RunnerProcess
 log = logging.getLogger(__name__)
 
 Spawner = Callable[[Language], Awaitable[RunnerProcess]]
+REFILL_CONCURRENCY = 2  # runners started at once per language (this many cores help)
 Discarder = Callable[[RunnerProcess], Awaitable[None]]
 
 
@@ -47,22 +48,26 @@ class WarmPool:
         failures = 0
         queue = self.ready[name]
         while not self.closing and len(queue) < self.size:
-            try:
-                runner = await self.spawn(self.languages[name])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                failures += 1
-                log.warning("warm pool: cannot start a %s runner: %s", name, exc)
-                if failures >= 3:
-                    return
-                await asyncio.sleep(0.5 * failures)
-                continue
-            if self.closing:
-                await self.discard(runner)
+            batch = min(self.size - len(queue), REFILL_CONCURRENCY)
+            results = await asyncio.gather(
+                *(self.spawn(self.languages[name]) for _ in range(batch)),
+                return_exceptions=True)
+            for result in results:
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                if isinstance(result, BaseException):
+                    failures += 1
+                    log.warning("warm pool: cannot start a %s runner: %s", name, result)
+                    continue
+                if self.closing:
+                    await self.discard(result)
+                    continue
+                result.on_exit = self._on_pooled_exit
+                queue.append(result)
+            if failures >= 3:
                 return
-            runner.on_exit = self._on_pooled_exit
-            queue.append(runner)
+            if failures:
+                await asyncio.sleep(0.5 * failures)
 
     def _on_pooled_exit(self, runner: RunnerProcess) -> None:
         queue = self.ready.get(runner.lang.name)
