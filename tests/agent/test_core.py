@@ -171,3 +171,22 @@ def test_cli_refuses_a_bad_address_with_one_line(tmp_path):
     assert proc.returncode != 0
     assert "agent_rpc_addr" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_killed_agent_leaves_no_kernel_processes(harness):
+    import signal
+    harness.create("python3")
+    busy = harness.create("python3")
+    harness.send("execute", kernel_id=busy, mode="query", code="while True: pass")
+    mine = [p.pid for p in psutil.process_iter(["cmdline"])
+            if harness.agent.instance_id in " ".join(p.info["cmdline"] or [])
+            and any("runner.py" in part for part in p.info["cmdline"] or [])]
+    assert mine
+    harness.agent.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    alive = mine
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in mine if psutil.pid_exists(pid)
+                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert alive == []
