@@ -161,11 +161,18 @@ async def prepare_database(config: SornaConfig, *, other_concurrency: int = 2) -
 
 
 @pytest.fixture
-def gateway_config(make_config, db_url, embedded_redis_url) -> Callable[..., SornaConfig]:
-    """Config on a fresh database (sqlite, and postgresql when configured) and the
-    embedded test Redis (flushed)."""
+def gateway_redis_url(embedded_redis_url) -> str:
+    """The Redis of gateway tests: the embedded one (test modules may override this
+    fixture with `redis_url` to also run against the real server)."""
+    return embedded_redis_url
+
+
+@pytest.fixture
+def gateway_config(make_config, db_url, gateway_redis_url) -> Callable[..., SornaConfig]:
+    """Config on a fresh database (sqlite, and postgresql when configured) and a
+    flushed Redis."""
     def build(**overrides: Any) -> SornaConfig:
-        values: dict[str, Any] = {"db_url": db_url, "redis_url": embedded_redis_url,
+        values: dict[str, Any] = {"db_url": db_url, "redis_url": gateway_redis_url,
                                   "heartbeat_interval": 0.5, "keypair_cache_ttl": 0.5,
                                   "agent_rpc_timeout": 5.0, "log_level": "INFO"}
         values.update(overrides)

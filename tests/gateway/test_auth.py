@@ -8,6 +8,7 @@ import json
 import time
 from datetime import datetime, timedelta, timezone
 
+import pytest
 import sqlalchemy as sa
 
 from sorna_server import keypairs as keypair_api
@@ -22,6 +23,12 @@ from .conftest import (
     client_signature,
     wait_for,
 )
+
+
+@pytest.fixture
+def gateway_redis_url(redis_url) -> str:
+    """These tests also run against the real Redis when SORNA_TEST_REDIS_URL is set."""
+    return redis_url
 
 
 async def test_hello_is_public_and_carries_headers(gateway_factory):
