@@ -9,7 +9,7 @@ from sorna_server import keypairs as core
 from sorna_server.schema import SchemaMissing, open_ready_database
 
 from .context import EXIT_USAGE, CliContext, operator_errors, pass_cli, run_async
-from .output import json_option, print_json, print_table
+from .output import json_option, note, print_json, print_table
 
 # (heading, row -> cell) for the people's table; --json gives every field.
 LIST_COLUMNS: list[tuple[str, Any]] = [
@@ -97,6 +97,9 @@ def list_(cli: CliContext, show_secret: bool, user_id: int | None, active_only: 
             row.pop("secret_key", None)
     if as_json:
         print_json(rows)
+        return
+    if not rows:
+        note("No keypairs yet: `sorna keypair create --user-id N` makes one.")
         return
     columns = [(head, cell) for head, cell in LIST_COLUMNS if show_secret or head != "secret key"]
     print_table([head for head, _ in columns], ([cell(row) for _, cell in columns] for row in rows))

@@ -111,3 +111,10 @@ async def test_keypair_api(ready_db_url: str) -> None:
             await keypairs.deactivate_keypair(engine, "AKIANOSUCHKEY0000000")
         assert [r["is_active"] for r in await keypairs.list_keypairs(engine)] == [False]
         assert await keypairs.get_keypair(engine, "AKIANOSUCHKEY0000000") is None
+
+
+def test_empty_list_says_how_to_start(ready_sorna) -> None:
+    result = ready_sorna("keypair", "list")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert "sorna keypair create --user-id N" in result.stderr
+    assert ready_sorna.json("keypair", "list") == []
