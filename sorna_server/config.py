@@ -108,6 +108,7 @@ class SornaConfig(BaseSettings):
         case_sensitive=False,
         extra="forbid",
         validate_default=True,
+        env_ignore_empty=True,  # `SORNA_DB_URL=` means "not set", not "empty URL"
     )
 
     # --- general ---------------------------------------------------------
@@ -286,7 +287,7 @@ def _origin_of(name: str, overrides: dict[str, Any], toml_path: Path | None) -> 
     if name in overrides:
         return "from the command line"
     env_name = f"SORNA_{name.upper()}"
-    if any(key.upper() == env_name for key in os.environ):
+    if any(key.upper() == env_name and value for key, value in os.environ.items()):
         return f"from environment {env_name}"
     if toml_path is not None:
         return f"from {toml_path}"

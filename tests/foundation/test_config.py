@@ -164,3 +164,10 @@ def test_settings_object_has_every_documented_historic_field() -> None:
                 "service_port", "ssl_cert", "ssl_key", "manager_port", "events_port",
                 "agent_port", "debug", "db_url", "redis_url", "data_dir"}
     assert historic <= set(SornaConfig.model_fields)
+
+
+def test_empty_environment_value_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SORNA_DB_URL", "")
+    monkeypatch.setenv("SORNA_SERVICE_PORT", "")
+    config = load_config()
+    assert config.uses_embedded_db and config.service_port == 0
