@@ -78,7 +78,8 @@ async def bench(args: argparse.Namespace, addr: str) -> list[tuple[str, str]]:
             result = await client.call(addr, "execute", execute)
             rtts.append((time.perf_counter() - started) * 1000)
         assert result["console"] == [["stdout", "2\n"]], result
-        rows.append((f"execute 1+1 p50 ({args.executes} runs)", f"{statistics.median(rtts):.3f} ms"))
+        rows.append((f"execute 1+1 p50 ({args.executes} runs)",
+                     f"{statistics.median(rtts):.3f} ms"))
         rows.append(("execute 1+1 p95", f"{percentile(rtts, 95):.3f} ms"))
         await client.call(addr, "destroy_kernel", {"kernel_id": kernel})
 

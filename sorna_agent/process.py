@@ -10,7 +10,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Callable
 

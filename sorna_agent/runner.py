@@ -493,7 +493,7 @@ def _user_frames(tb):
         if tb.tb_frame.f_code.co_filename != __file__:
             frames.append(tb)
         tb = tb.tb_next
-    for earlier, later in zip(frames, frames[1:]):
+    for earlier, later in zip(frames, frames[1:], strict=False):
         earlier.tb_next = later
     if frames:
         frames[-1].tb_next = None

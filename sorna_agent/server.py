@@ -34,8 +34,7 @@ from .languages import CatalogueError, Language, load_catalogue, world_searchabl
 from .pool import WarmPool
 from .process import RunnerDied, RunnerProcess
 from .pty import PtySession
-from .sandbox import (Isolation, UidPool, make_workdir, probe_isolation, remove_workdir,
-                      write_upload)
+from .sandbox import Isolation, UidPool, make_workdir, probe_isolation, remove_workdir, write_upload
 from .stats import measure
 
 log = logging.getLogger("sorna_agent")
@@ -376,8 +375,8 @@ class Agent:
             raise RPCError(proto.ERR_INVALID_ARGS, f"kernel {kernel_id!r} already exists")
         limits = self._requested_limits(lang, args.get("limits"))
         if len(self.kernels) + self.creating >= self.config.agent_max_kernels:
-            raise RPCError(proto.ERR_NO_CAPACITY,
-                           f"this agent runs its maximum of {self.config.agent_max_kernels} kernels")
+            raise RPCError(proto.ERR_NO_CAPACITY, "this agent runs its maximum of "
+                           f"{self.config.agent_max_kernels} kernels")
         if self.stopping.is_set():
             raise RPCError(proto.ERR_NO_CAPACITY, "the agent is shutting down")
         self.creating += 1
@@ -652,7 +651,7 @@ class Agent:
                 continue
             figures = await asyncio.gather(*(self._measure(k) for k in kernels))
             self.events.emit("instance_stats",
-                             stats={k.id: s for k, s in zip(kernels, figures)})
+                             stats={k.id: s for k, s in zip(kernels, figures, strict=True)})
 
     async def _idle_sweeper(self) -> None:
         period = max(0.05, min(1.0, self.config.agent_idle_timeout / 4))

@@ -14,10 +14,12 @@ from .context import CliContext, pass_cli
               "(default tcp://0.0.0.0:6001, port from SORNA_AGENT_PORT).")
 @click.option("--manager", "agent_managers", multiple=True,
               help="Manager events address (tcp://HOST:PORT); repeatable.")
-@click.option("--instance-id", "agent_instance_id", help="Stable instance id (default i-<hostname>).")
+@click.option("--instance-id", "agent_instance_id",
+              help="Stable instance id (default i-<hostname>).")
 @click.option("--advertise-host", "agent_advertise_host",
               help="Host managers should use to reach this agent.")
-@click.option("--max-kernels", "agent_max_kernels", type=int, help="Kernels this agent runs at most.")
+@click.option("--max-kernels", "agent_max_kernels", type=int,
+              help="Kernels this agent runs at most.")
 @click.option("--pool-size", "agent_pool_size", type=int,
               help="Warm runner processes kept per language.")
 @click.option("--heartbeat-interval", "heartbeat_interval", type=float, help="Seconds.")

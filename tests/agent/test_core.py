@@ -82,7 +82,8 @@ def test_errors_for_bad_requests(harness):
 def test_slow_kernel_does_not_delay_another(harness):
     slow = harness.create("python3")
     fast = harness.create("python3")
-    slow_id = harness.send("execute", kernel_id=slow, mode="query", code="import time; time.sleep(5)")
+    slow_id = harness.send("execute", kernel_id=slow, mode="query",
+                           code="import time; time.sleep(5)")
     started = time.monotonic()
     fast_id = harness.send("execute", kernel_id=fast, mode="query", code="6 * 7")
     reply = harness.receive()

@@ -164,7 +164,8 @@ def test_upload_and_batch(harness):
 
 def test_bash_batch_with_default_exec(harness):
     kernel_id = harness.create("bash")
-    harness.ok("upload_file", kernel_id=kernel_id, name="main.sh", data=b"echo from-script $((6*7))\n")
+    harness.ok("upload_file", kernel_id=kernel_id, name="main.sh",
+               data=b"echo from-script $((6*7))\n")
     result = harness.ok("execute", kernel_id=kernel_id, mode="batch", code="",
                         opts={"build": "", "exec": "*"})
     assert result["status"] == "finished"
