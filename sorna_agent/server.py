@@ -44,6 +44,8 @@ COMPLETE_TIMEOUT = 5.0
 SHUTDOWN_LINGER = 3.0       # seconds to deliver the last events at shutdown
 MAX_KERNEL_ID = 128
 MIN_KERNEL_MEM = 32 << 20
+SCRATCH_PREFIX = "sorna-agent-"
+OWNER_FILE = ".agent-pid"
 
 
 class RPCError(Exception):
@@ -158,8 +160,10 @@ class Agent:
             log.warning("scratch dir %s is not searchable by other users: kernels may fail "
                         "to reach their own folders", wanted)
             return wanted
-        private = Path(tempfile.mkdtemp(prefix=f"sorna-{self.instance_id[:40]}-"))
+        _remove_stale_scratch(Path(tempfile.gettempdir()))
+        private = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{self.instance_id[:40]}-"))
         private.chmod(0o711)
+        (private / OWNER_FILE).write_text(str(os.getpid()))
         self._own_scratch = private
         log.info("kernel folders in %s (%s is not searchable by other users)", private, wanted)
         return private
@@ -662,6 +666,17 @@ class Agent:
                         and kernel.idle_for() > kernel.limits.idle_timeout:
                     log.info("kernel %s idle for %.0f s", kernel.id, kernel.idle_for())
                     self._spawn_task(self.terminate(kernel, proto.REASON_IDLE), cleanup=True)
+
+
+def _remove_stale_scratch(tmp: Path) -> None:
+    """Remove fallback scratch folders left by agents that were killed."""
+    for folder in tmp.glob(f"{SCRATCH_PREFIX}*"):
+        try:
+            owner = int((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if not psutil.pid_exists(owner):
+            remove_workdir(folder)
 
 
 def _clean_console(console: Any) -> list[list[str]]:
