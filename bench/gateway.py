@@ -3,7 +3,7 @@
 Starts its own `sorna serve --standalone` (embedded Redis + SQLite + a local
 reference agent) in a temporary folder on loopback ports, creates a keypair
 with a rate limit high enough not to interfere, then measures with 1 and 32
-concurrent clients (each case runs for a fixed time):
+concurrent clients; the cases run in interleaved rounds for a fixed time each:
 
   hello      GET /v2 (no authentication)
   authorize  GET /v2/authorize (signed: signature check, keypair cache, rate limit)
@@ -115,37 +115,58 @@ class Server:
                 self.proc.wait()
 
 
-async def measure(one: Callable[[], Awaitable[None]], concurrency: int,
-                  duration: float) -> dict[str, float]:
-    latencies: list[float] = []
-    errors = 0
-    stop_at = time.perf_counter() + duration
+class Sampler:
+    """Latencies of one case, collected over several interleaved rounds."""
 
-    async def worker() -> None:
-        nonlocal errors
-        while time.perf_counter() < stop_at:
-            started = time.perf_counter()
-            try:
-                await one()
-            except Exception:
-                errors += 1
-                continue
-            latencies.append(time.perf_counter() - started)
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.elapsed = 0.0
+        self.errors = 0
 
-    # short warm-up, then the timed run
-    warm_until = time.perf_counter() + min(0.5, duration / 4)
-    while time.perf_counter() < warm_until:
-        await one()
-    began = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - began
-    latencies.sort()
-    if not latencies:
-        return {"rps": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan"), "errors": errors}
-    return {"rps": len(latencies) / elapsed,
-            "p50_ms": statistics.median(latencies) * 1000,
-            "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
-            "requests": len(latencies), "errors": errors}
+    async def round(self, one: Callable[[], Awaitable[None]], concurrency: int,
+                    duration: float) -> None:
+        stop_at = time.perf_counter() + duration
+
+        async def worker() -> None:
+            while time.perf_counter() < stop_at:
+                started = time.perf_counter()
+                try:
+                    await one()
+                except Exception:
+                    self.errors += 1
+                    continue
+                self.latencies.append(time.perf_counter() - started)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        self.elapsed += time.perf_counter() - began
+
+    def figures(self) -> dict[str, float]:
+        latencies = sorted(self.latencies)
+        if not latencies:
+            return {"rps": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan"),
+                    "requests": 0, "errors": self.errors}
+        return {"rps": len(latencies) / self.elapsed,
+                "p50_ms": statistics.median(latencies) * 1000,
+                "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+                "requests": len(latencies), "errors": self.errors}
+
+
+ROUNDS = 5
+
+
+async def measure_side_by_side(cases: dict[str, Callable[[], Awaitable[None]]],
+                               concurrency: int, duration: float) -> dict[str, dict]:
+    """Interleave short rounds of every case, so load from elsewhere on the
+    machine affects all of them alike."""
+    for one in cases.values():  # warm-up
+        for _ in range(20):
+            await one()
+    samplers = {name: Sampler() for name in cases}
+    for _ in range(ROUNDS):
+        for name, one in cases.items():
+            await samplers[name].round(one, concurrency, duration / ROUNDS)
+    return {name: sampler.figures() for name, sampler in samplers.items()}
 
 
 async def run_bench(server: Server, access: str, secret: str, duration: float) -> list[dict]:
@@ -184,11 +205,12 @@ async def run_bench(server: Server, access: str, secret: str, duration: float) -
             await rpc.call(server.agent_addr, "execute",
                            {"kernel_id": kernel_id, "mode": "query", "code": "1+1", "opts": {}})
 
+        cases = {"hello": hello, "authorize": authorize, "exec-gw": exec_gateway,
+                 "exec-rpc": exec_rpc}
         try:
-            for name, one in (("hello", hello), ("authorize", authorize),
-                              ("exec-gw", exec_gateway), ("exec-rpc", exec_rpc)):
-                for concurrency in CONCURRENCY:
-                    figures = await measure(one, concurrency, duration)
+            for concurrency in CONCURRENCY:
+                measured = await measure_side_by_side(cases, concurrency, duration)
+                for name, figures in measured.items():
                     results.append({"case": name, "concurrency": concurrency, **figures})
                     print(f"  {name:<10} c={concurrency:<3} {figures['rps']:8.0f} req/s  "
                           f"p50 {figures['p50_ms']:7.2f} ms  p99 {figures['p99_ms']:7.2f} ms",
@@ -200,7 +222,7 @@ async def run_bench(server: Server, access: str, secret: str, duration: float) -
 
 def summary(results: list[dict]) -> list[str]:
     by = {(r["case"], r["concurrency"]): r for r in results}
-    lines = []
+    lines = [f"(errors: {sum(r['errors'] for r in results)})"]
     for c in CONCURRENCY:
         ratio = by[("authorize", c)]["rps"] / by[("hello", c)]["rps"]
         added = by[("exec-gw", c)]["p50_ms"] - by[("exec-rpc", c)]["p50_ms"]
