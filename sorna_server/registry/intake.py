@@ -49,8 +49,9 @@ class EventIntake:
         self._reader: asyncio.Task | None = None
         self._busy: set[str] = set()  # de-duplicates background work per subject
         self._closing = False
-        self.received = 0
-        self.dropped = 0
+        self.received = 0  # frames read from the socket
+        self.handled = 0   # frames whose handling finished (heartbeats are in Redis)
+        self.dropped = 0   # malformed frames
 
     async def start(self) -> None:
         sock = self.ctx.socket(zmq.PULL)
@@ -99,6 +100,8 @@ class EventIntake:
                             len(frames), exc)
             except Exception:  # the listener must survive anything
                 log.exception("unexpected error while handling %d agent events", len(frames))
+            finally:
+                self.handled += len(frames)
 
     async def handle_frames(self, frames: list[bytes]) -> None:
         heartbeats: list[dict[str, Any]] = []
@@ -147,15 +150,21 @@ class EventIntake:
         now = time.time()
         client = self.registry.redis.instances
         argv = [self.heartbeat_args(e, list(e.get("running_kernels", ())), now) for e in events]
-        for attempt in range(2):
-            pipe = client.pipeline(transaction=False)
-            for args in argv:
-                pipe.evalsha(scripts.heartbeat.sha, 0, *args)
-            results = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(scripts.is_noscript(r) for r in results):
-                await scripts.heartbeat.load(client)
-                continue
-            break
+        if len(argv) == 1:  # the common case at steady state: no pipeline overhead
+            try:
+                results: list[Any] = [await scripts.heartbeat(client, *argv[0])]
+            except RedisError as exc:
+                results = [exc]
+        else:
+            for attempt in range(2):
+                pipe = client.pipeline(transaction=False)
+                for args in argv:
+                    pipe.evalsha(scripts.heartbeat.sha, 0, *args)
+                results = await pipe.execute(raise_on_error=False)
+                if attempt == 0 and any(scripts.is_noscript(r) for r in results):
+                    await scripts.heartbeat.load(client)
+                    continue
+                break
         for event, result in zip(events, results):
             if isinstance(result, Exception):
                 log.warning("heartbeat of %s not recorded: %s", event["instance_id"], result)

@@ -21,6 +21,7 @@ only writes a missing record), so running it while gateways work is safe.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -144,16 +145,10 @@ async def reconcile(registry: "Registry", *, fix: bool) -> list[Difference]:
                         f"PREPARING for {_age(row.created_at):.0f} s", "settle ERROR")
             if fix and not await reg.redis.kernels.exists(keys.kernel(kid)):
                 diff.fixed = await reg.settle(kid, KernelStatus.ERROR.value, REASON_ABANDONED)
+    listings = await _ask_agents(reg, instances, running_by_agent)
     for iid, rows in sorted(running_by_agent.items()):
         inst = instances.get(iid)
-        listing: dict[str, Any] | None = None
-        if inst is not None and inst.status != "lost":
-            try:
-                reply = await reg.rpc.call(inst.addr, "list_kernels", {},
-                                           timeout=min(reg.config.agent_rpc_timeout, 5.0))
-                listing = reply if isinstance(reply, dict) else {}
-            except AgentError as exc:
-                log.warning("cannot list kernels of %s: %s", iid, exc)
+        listing = listings.get(iid)
         for row in rows:
             if listing is not None and row.id in listing:
                 diff = note("unregistered-running-kernel", row.id,
@@ -215,6 +210,29 @@ async def reconcile(registry: "Registry", *, fix: bool) -> list[Difference]:
                 await scripts.release_session(reg.redis.sessions, kid, keys=(name,))
                 diff.fixed = True
     return diffs
+
+
+async def _ask_agents(reg: "Registry", instances: dict[str, Any],
+                      wanted: dict[str, list[Any]]) -> dict[str, dict[str, Any] | None]:
+    """`list_kernels` of every (non-lost) agent in `wanted`, concurrently; None
+    for an agent that cannot be asked."""
+    semaphore = asyncio.Semaphore(32)
+
+    async def ask(iid: str) -> dict[str, Any] | None:
+        inst = instances.get(iid)
+        if inst is None or inst.status == "lost":
+            return None
+        async with semaphore:
+            try:
+                reply = await reg.rpc.call(inst.addr, "list_kernels", {},
+                                           timeout=min(reg.config.agent_rpc_timeout, 5.0))
+            except AgentError as exc:
+                log.warning("cannot list kernels of %s: %s", iid, exc)
+                return None
+        return reply if isinstance(reply, dict) else {}
+
+    ids = sorted(wanted)
+    return dict(zip(ids, await asyncio.gather(*(ask(iid) for iid in ids))))
 
 
 def _now() -> float:

@@ -140,10 +140,26 @@ async def close_env(env: RegistryEnv) -> None:
     await env.engine.dispose()
 
 
+# Registry tests use their own database numbers on a shared Redis server, so
+# other suites running at the same time (which flush 11-14) do not disturb them.
+REGISTRY_REDIS_DBS = {"redis_db_kernels": 7, "redis_db_instances": 8,
+                      "redis_db_sessions": 9, "redis_db_ratelimit": 10}
+
+
 @pytest.fixture
 def registry_config(make_config, db_url, redis_url) -> Callable[..., SornaConfig]:
+    import redis as sync_redis
+
+    for db in REGISTRY_REDIS_DBS.values():
+        client = sync_redis.Redis.from_url(redis_url, db=db)
+        try:
+            client.flushdb()
+        finally:
+            client.close()
+
     def build(**overrides: Any) -> SornaConfig:
-        values = {"db_url": db_url, "redis_url": redis_url, "heartbeat_interval": 0.5}
+        values = {"db_url": db_url, "redis_url": redis_url, "heartbeat_interval": 0.5,
+                  **REGISTRY_REDIS_DBS}
         values.update(overrides)
         return make_config(**values)
     return build

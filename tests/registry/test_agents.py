@@ -17,7 +17,7 @@ from sorna_server import agent_protocol as proto
 from sorna_server.agent_client import AgentError
 from sorna_server.registry import InstanceNotAvailable, KernelRecord
 
-from .conftest import close_env, make_env, wait_for
+from .conftest import REGISTRY_REDIS_DBS, close_env, make_env, wait_for
 
 AGENT_FLAGS = {"heartbeat_interval": 0.5, "pool_size": 0, "stats_interval": 0.5}
 
@@ -161,7 +161,7 @@ async def test_restart_with_live_kernels_reconciles(registry_config, agent_facto
         orphan = (await env.rpc.call(agent.addr, "create_kernel", {"lang": "bash"}))["kernel_id"]
     finally:
         await close_env(env)
-    for client_db in (11, 12, 13):
+    for client_db in list(REGISTRY_REDIS_DBS.values())[:3]:
         import redis as sync_redis
         client = sync_redis.Redis.from_url(config.explicit_redis_url, db=client_db)
         client.flushdb()
@@ -225,8 +225,7 @@ async def test_two_gateways_fifty_creations_three_agents(env, agent_factory, tmp
     config = env.config
     settings = {"db_url": config.database_url, "redis_url": config.explicit_redis_url,
                 "data_dir": str(config.data_dir), "events_port": config.events_port,
-                "redis_db_kernels": 11, "redis_db_instances": 12, "redis_db_sessions": 13,
-                "redis_db_ratelimit": 14, "heartbeat_interval": 0.5}
+                **REGISTRY_REDIS_DBS, "heartbeat_interval": 0.5}
     repo = str(Path(__file__).resolve().parents[2])
     start_at = time.time() + 3.0
     procs = [await asyncio.create_subprocess_exec(

@@ -13,8 +13,9 @@ from sorna_server.registry.intake import EventIntake
 
 from .conftest import close_env, info, make_env
 
-REDIS_DB_ENV = {"SORNA_REDIS_DB_KERNELS": "11", "SORNA_REDIS_DB_INSTANCES": "12",
-                "SORNA_REDIS_DB_SESSIONS": "13", "SORNA_REDIS_DB_RATELIMIT": "14"}
+from .conftest import REGISTRY_REDIS_DBS
+
+REDIS_DB_ENV = {f"SORNA_{name.upper()}": str(db) for name, db in REGISTRY_REDIS_DBS.items()}
 
 
 @pytest.fixture
