@@ -5,14 +5,15 @@ import os
 import shutil
 import stat
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sorna_server.config import parse_size
 
 CATALOGUE_FILE = Path(__file__).with_name("languages.toml")
-RUNNER_KINDS = ("python", "shell")
+RUNNER_KINDS = ("python", "shell", "program")
+TOOL_PATH = ("/usr/local/bin", "/usr/bin", "/bin")  # the PATH kernels get
 
 
 class CatalogueError(Exception):
@@ -28,7 +29,15 @@ class Language:
     shell: list[str] = field(default_factory=list)
     build: str = ""
     exec: str = ""
+    query: str = ""                  # "program" kind: shell command building+running a query
+    query_source: str = ""           # "program" kind: file name the query code is written to
     limits: dict[str, Any] = field(default_factory=dict)
+    alias_of: str | None = None      # set on aliases: the language this name stands for
+
+    @property
+    def runtime(self) -> str:
+        """The catalogue entry that really runs (itself, or what an alias stands for)."""
+        return self.alias_of or self.name
 
     def batch_command(self, given: Any, default: str) -> str:
         """Resolve a batch option: None/"" = nothing, "*" = the default."""
@@ -80,6 +89,15 @@ def _pick_interpreter(candidates: list[str], for_other_users: bool) -> str | Non
     return None
 
 
+def _tools_present(tools: list[str], for_other_users: bool) -> bool:
+    """Every tool is on the kernels' PATH (and usable by other users when asked)."""
+    for tool in tools:
+        found = shutil.which(tool, path=os.pathsep.join(TOOL_PATH))
+        if found is None or (for_other_users and not world_usable(found)):
+            return False
+    return True
+
+
 def _expand(words: list[str], python: str) -> list[str]:
     return [word.replace("{python}", python) for word in words]
 
@@ -93,15 +111,30 @@ def load_catalogue(path: Path = CATALOGUE_FILE, *, for_other_users: bool = False
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise CatalogueError(f"cannot read language catalogue {path}: {exc}") from None
     languages: dict[str, Language] = {}
+    aliases: dict[str, str] = {}
     for name, entry in raw.items():
         if not isinstance(entry, dict):
             raise CatalogueError(f"language {name!r}: expected a table")
+        if "alias_of" in entry:
+            target = entry["alias_of"]
+            if set(entry) != {"alias_of"}:
+                raise CatalogueError(f"language {name!r}: an alias has only `alias_of`")
+            if not isinstance(raw.get(target), dict) or "alias_of" in raw[target]:
+                raise CatalogueError(f"language {name!r}: alias_of {target!r} is not a "
+                                     "language of the catalogue")
+            aliases[name] = target
+            continue
+        if not _tools_present(list(entry.get("requires", [])), for_other_users):
+            continue
         kind = entry.get("kind", "python")
         if kind not in RUNNER_KINDS:
             raise CatalogueError(f"language {name!r}: unknown kind {kind!r}")
         python = _pick_interpreter(list(entry.get("interpreters", ["python3"])), for_other_users)
         if python is None:
             continue
+        query_source = str(entry.get("query_source", ""))
+        if "/" in query_source or query_source.startswith("."):
+            raise CatalogueError(f"language {name!r}: query_source must be a plain file name")
         limits = dict(entry.get("limits", {}))
         if "max_mem" in limits:
             limits["max_mem"] = parse_size(limits["max_mem"])
@@ -113,6 +146,11 @@ def load_catalogue(path: Path = CATALOGUE_FILE, *, for_other_users: bool = False
             shell=_expand(list(entry.get("shell", [])), python),
             build=str(entry.get("build", "")).replace("{python}", python),
             exec=str(entry.get("exec", "")).replace("{python}", python),
+            query=str(entry.get("query", "")),
+            query_source=query_source,
             limits=limits,
         )
+    for name, target in aliases.items():
+        if target in languages:  # left out with its target when that cannot run here
+            languages[name] = replace(languages[target], name=name, alias_of=target)
     return languages

@@ -28,13 +28,14 @@ class WarmPool:
         self.size = size
         self.spawn = spawn
         self.discard = discard
+        # keyed by runtime: an alias shares the runners of the language it stands for
         self.ready: dict[str, collections.deque[RunnerProcess]] = {
-            name: collections.deque() for name in languages}
+            lang.runtime: collections.deque() for lang in languages.values()}
         self._refills: dict[str, asyncio.Task] = {}
         self.closing = False
 
     def fill_all(self) -> None:
-        for name in self.languages:
+        for name in self.ready:
             self._schedule_refill(name)
 
     def _schedule_refill(self, name: str) -> None:
@@ -70,15 +71,15 @@ class WarmPool:
                 await asyncio.sleep(0.5 * failures)
 
     def _on_pooled_exit(self, runner: RunnerProcess) -> None:
-        queue = self.ready.get(runner.lang.name)
+        queue = self.ready.get(runner.lang.runtime)
         if queue is not None and runner in queue:
             queue.remove(runner)
             asyncio.get_running_loop().create_task(self.discard(runner))
-            self._schedule_refill(runner.lang.name)
+            self._schedule_refill(runner.lang.runtime)
 
     async def take(self, lang: Language) -> RunnerProcess:
         """A ready runner for `lang`: from the pool if any, else started now."""
-        queue = self.ready[lang.name]
+        queue = self.ready[lang.runtime]
         runner = None
         while queue:
             candidate = queue.popleft()
@@ -86,9 +87,9 @@ class WarmPool:
                 runner = candidate
                 break
             asyncio.get_running_loop().create_task(self.discard(candidate))
-        self._schedule_refill(lang.name)
+        self._schedule_refill(lang.runtime)
         if runner is None:
-            runner = await self.spawn(lang)
+            runner = await self.spawn(self.languages[lang.runtime])
         runner.on_exit = None
         return runner
 

@@ -100,6 +100,8 @@ class RunnerProcess:
             "fd": fd,
             "kind": self.lang.kind,
             "shell": self.lang.shell,
+            "query": self.lang.query,
+            "query_source": self.lang.query_source,
             "workdir": str(self.workdir),
             "uid": self.uid if isolation.uid_switch else None,
             "gid": self.uid if isolation.uid_switch else None,

@@ -608,7 +608,40 @@ class ShellKernel(BaseKernel):
         return items[:200]
 
 
-KERNELS = {"python": PythonKernel, "shell": ShellKernel}
+class ProgramKernel(BaseKernel):
+    """Compiled languages: each query is a whole program, built and run by the
+    catalogue's `query` command; nothing persists between queries but files."""
+
+    PRIVATE = ".sorna"  # hidden folder of the kernel for query sources and binaries
+
+    def __init__(self, chan, spec):
+        super().__init__(chan, spec)
+        import shlex
+        self.quote = shlex.quote
+        self.command = spec.get("query") or ""
+        self.source_name = spec.get("query_source") or "query.src"
+
+    def run_code(self, code):
+        if not self.command:
+            self.console.add("stderr", "this language runs programs in batch mode only\n")
+            self.finish()
+            return
+        private = os.path.join(os.getcwd(), self.PRIVATE)
+        source = os.path.join(private, self.source_name)
+        binary = os.path.join(private, "query")
+        try:
+            os.makedirs(private, mode=0o700, exist_ok=True)
+            with open(source, "w") as fh:
+                fh.write(code if code.endswith("\n") else code + "\n")
+        except OSError as exc:
+            self.console.add("stderr", f"cannot write the program: {exc}\n")
+            self.finish()
+            return
+        self.run_shell(self.command.replace("{src}", self.quote(source))
+                       .replace("{bin}", self.quote(binary)))
+
+
+KERNELS = {"python": PythonKernel, "shell": ShellKernel, "program": ProgramKernel}
 
 
 def main():
