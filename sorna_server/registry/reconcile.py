@@ -84,8 +84,12 @@ async def reconcile(registry: "Registry", *, fix: bool) -> list[Difference]:
     redis_kernels = await _scan_hashes(reg.redis.kernels, keys.KERNEL_PREFIX)
     instances = {inst.id: inst for inst in await reg.list_instances()}
     instance_sets: dict[str, set[str]] = {}
-    for iid in instances:
-        instance_sets[iid] = await reg.instance_kernel_ids(iid)
+    if instances:
+        pipe = reg.redis.instances.pipeline(transaction=False)
+        for iid in instances:
+            pipe.smembers(keys.instance_kernels(iid))
+        for iid, members in zip(instances, await pipe.execute()):
+            instance_sets[iid] = set(members)
     other_status: dict[str, str] = {}
     unknown_ids = [kid for kid in redis_kernels if kid not in live_rows]
     if unknown_ids:
