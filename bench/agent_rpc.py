@@ -3,7 +3,8 @@
     python bench/agent_rpc.py [--pool-size 4] [--creates 50] [--executes 1000]
                               [--parallel 8] [--seconds 5]
 
-Figures: create_kernel latency (p50/p95), execute `1+1` round trip (p50/p95),
+Figures: create_kernel latency (p50/p95) at a manager's pace (`--create-gap`) and
+under churn (create/destroy back to back), execute `1+1` round trip (p50/p95),
 and executes per second with N kernels executing in parallel.  The client is
 the manager's own `AgentRPCClient`.
 """
@@ -67,6 +68,16 @@ async def bench(args: argparse.Namespace, addr: str) -> list[tuple[str, str]]:
         rows.append((f"create_kernel p50 ({args.creates} runs)",
                      f"{statistics.median(creates):.1f} ms"))
         rows.append(("create_kernel p95", f"{percentile(creates, 95):.1f} ms"))
+
+        churn = []  # sustained create/destroy with no pause: the pool cannot keep up
+        for _ in range(args.creates):
+            started = time.perf_counter()
+            result = await client.call(addr, "create_kernel", {"lang": "python3"})
+            churn.append((time.perf_counter() - started) * 1000)
+            await client.call(addr, "destroy_kernel", {"kernel_id": result["kernel_id"]})
+        rows.append((f"create_kernel p50, churn ({args.creates} runs, no gap)",
+                     f"{statistics.median(churn):.1f} ms"))
+        rows.append(("create_kernel p95, churn", f"{percentile(churn, 95):.1f} ms"))
 
         kernel = (await client.call(addr, "create_kernel", {"lang": "python3"}))["kernel_id"]
         execute = {"kernel_id": kernel, "mode": "query", "code": "1+1"}

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from .languages import Language
 from .sandbox import Isolation, kill_uid
+from .zygote import Zygote, ZygoteError
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,9 @@ class RunnerProcess:
         self.lang = lang
         self.uid = uid
         self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | None = None  # when started directly, not forked
+        self.outer_pid: int | None = None    # the process started for it (session leader)
+        self.pidfd: int | None = None        # a handle on outer_pid, when forked by a zygote
         self.pid: int | None = None          # the kernel process (outer pid)
         self.init_pid: int | None = None     # PID 1 of its namespace, when it has one
         self.transport: asyncio.Transport | None = None
@@ -86,7 +89,7 @@ class RunnerProcess:
         self._gone: asyncio.Event | None = None
 
     def spec(self, fd: int, isolation: Isolation, rlimits: dict[str, int],
-             max_output: int) -> str:
+             max_output: int) -> dict[str, Any]:
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "HOME": str(self.workdir),
@@ -96,7 +99,7 @@ class RunnerProcess:
             "PYTHONDONTWRITEBYTECODE": "1",
             "TERM": "xterm-256color",
         }
-        return json.dumps({
+        return {
             "fd": fd,
             "kind": self.lang.kind,
             "shell": self.lang.shell,
@@ -110,18 +113,27 @@ class RunnerProcess:
             "rlimits": rlimits,
             "max_output": max_output,
             "env": env,
-        })
+        }
 
-    async def start(self, isolation: Isolation, rlimits: dict[str, int], max_output: int) -> None:
+    async def start(self, isolation: Isolation, rlimits: dict[str, int], max_output: int,
+                    zygote: Zygote | None = None) -> None:
+        """Fork the runner from `zygote` (a few ms), or start a new interpreter."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             spec = self.spec(theirs.fileno(), isolation, rlimits, max_output)
-            self.proc = subprocess.Popen(
-                [self.lang.python, "-u", "-B", str(RUNNER_FILE), spec],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=None, start_new_session=True,
-                cwd="/", env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"})
-        except OSError:
+            if zygote is not None:
+                try:
+                    self.outer_pid, self.pidfd = await zygote.fork(spec, theirs)
+                except ZygoteError as exc:
+                    raise RunnerDied(str(exc)) from None
+            else:
+                self.proc = subprocess.Popen(
+                    [self.lang.python, "-u", "-B", str(RUNNER_FILE), json.dumps(spec)],
+                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=None, start_new_session=True,
+                    cwd="/", env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"})
+                self.outer_pid = self.proc.pid
+        except BaseException:
             ours.close()
             raise
         finally:
@@ -223,6 +235,19 @@ class RunnerProcess:
             except OSError:
                 pass
             await wait_process(self.proc)
+        elif self.pidfd is not None:
+            if self.init_pid is None and not _pidfd_exited(self.pidfd):
+                try:  # it has not exited, so the zygote has not reaped it: its group is ours
+                    os.killpg(self.outer_pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+            await wait_pidfd(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
         if self.transport is not None:
             self.transport.abort()
         if self._gone is not None:
@@ -233,6 +258,26 @@ class RunnerProcess:
         if self.uid is not None and self.init_pid is None:
             await asyncio.get_running_loop().run_in_executor(None, kill_uid, self.uid)
         self.alive = False
+
+
+def _pidfd_exited(pidfd: int) -> bool:
+    import select
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
+async def wait_pidfd(pidfd: int, timeout: float = 10.0) -> None:
+    """Wait until the process behind `pidfd` has exited (it need not be our child)."""
+    if _pidfd_exited(pidfd):
+        return
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+    try:
+        await asyncio.wait_for(done, timeout)
+    except TimeoutError:
+        log.warning("a runner did not exit within %.0f s", timeout)
+    finally:
+        loop.remove_reader(pidfd)
 
 
 async def wait_process(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:

@@ -644,10 +644,8 @@ class ProgramKernel(BaseKernel):
 KERNELS = {"python": PythonKernel, "shell": ShellKernel, "program": ProgramKernel}
 
 
-def main():
-    spec = json.loads(sys.argv[1])
-    ctl_fd = int(spec["fd"])
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def start_kernel(spec, ctl_fd):
+    """Sandbox this process as the spec says, then serve as its kernel. Never returns."""
     got_net, got_pid = enter_namespaces(spec)
     init_pid = fork_into_pid_namespace(ctl_fd) if got_pid else None
     apply_limits_and_drop(spec)
@@ -656,6 +654,112 @@ def main():
     chan.send({"type": "ready", "pid": _outer_pid(), "init_pid": init_pid,
                "net_ns": got_net, "pid_ns": got_pid, "uid": os.getuid()})
     kernel.serve()
+    os._exit(0)
+
+
+# --- the fork server (zygote) ----------------------------------------------------
+#
+# `runner.py --zygote FD AGENT_PID LABEL` starts a long-lived process that has
+# imported everything a kernel needs and forks one fresh runner per request, so a
+# runner costs a fork instead of an interpreter start.  FD is a SOCK_SEQPACKET
+# socket: each request is one JSON spec (as for a directly started runner) with
+# the runner's control socket attached (SCM_RIGHTS); each reply is
+# {"type": "forked", "pid": N} with a pidfd of the new process attached (or
+# {"type": "error", "message": ...}).  The first message is {"type": "ready"}.
+# The zygote dies with the agent (PDEATHSIG) and its runners die with it; it
+# reaps its exited children itself.  LABEL only names the agent in `ps` output.
+
+ZYGOTE_PRELOAD = ("ast", "getpass", "rlcompleter", "traceback", "tempfile", "subprocess",
+                  "resource", "fcntl", "shlex")
+
+
+def _reap_children(signum, frame):
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _zygote_child(zsock, zygote_pid, spec, ctl_fd):
+    """In the fork: undo the zygote's own settings, then become the runner."""
+    try:
+        zsock.close()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != zygote_pid:
+            os._exit(0)  # the zygote died before we were set up
+        os.setsid()
+        sys.argv[1:] = []
+        start_kernel(spec, ctl_fd)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    os._exit(70)
+
+
+def zygote(sock_fd, agent_pid):
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != agent_pid:
+        os._exit(0)
+    import gc
+    import importlib
+    for name in ZYGOTE_PRELOAD:
+        importlib.import_module(name)
+    gc.freeze()  # what exists now stays shared with the forks (no GC writes to it)
+    sock = socket.socket(fileno=sock_fd)
+    sock.setblocking(True)
+    signal.signal(signal.SIGCHLD, _reap_children)
+    me = os.getpid()
+    sock.send(json.dumps({"type": "ready", "pid": me}).encode())
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 4)
+        except OSError:
+            os._exit(0)
+        if not data and not fds:
+            os._exit(0)  # the agent closed its end
+        pidfd = None
+        try:
+            if len(fds) != 1:
+                raise ValueError(f"expected one control socket, got {len(fds)} fds")
+            spec = json.loads(data)
+            spec["fd"] = fds[0]
+            # SIGCHLD stays blocked until we hold a pidfd: the child cannot be reaped
+            # (and its pid reused) before the agent has a handle on it
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    _zygote_child(sock, me, spec, fds[0])
+                pidfd = os.pidfd_open(pid)
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            reply, attached = {"type": "forked", "pid": pid}, [pidfd]
+        except (OSError, ValueError) as exc:
+            reply, attached = {"type": "error", "message": str(exc)}, []
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            socket.send_fds(sock, [json.dumps(reply).encode()], attached)
+        except OSError:
+            os._exit(0)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+
+def main():
+    if len(sys.argv) > 3 and sys.argv[1] == "--zygote":
+        zygote(int(sys.argv[2]), int(sys.argv[3]))
+        return
+    spec = json.loads(sys.argv[1])
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    start_kernel(spec, int(spec["fd"]))
 
 
 if __name__ == "__main__":

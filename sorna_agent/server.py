@@ -32,10 +32,11 @@ from .events import EventSender
 from .kernel import Kernel, KernelLimits, rlimits_for
 from .languages import CatalogueError, Language, load_catalogue, world_searchable
 from .pool import WarmPool
-from .process import RunnerDied, RunnerProcess
+from .process import RUNNER_FILE, RunnerDied, RunnerProcess
 from .pty import PtySession
 from .sandbox import Isolation, UidPool, make_workdir, probe_isolation, remove_workdir, write_upload
 from .stats import measure
+from .zygote import Zygotes
 
 log = logging.getLogger("sorna_agent")
 
@@ -91,6 +92,7 @@ class Agent:
         self.creating = 0
         self.uids: UidPool | None = None
         self.pool: WarmPool | None = None
+        self.zygotes = Zygotes(str(RUNNER_FILE), self.instance_id)
         self.events: EventSender | None = None
         self.ctx: zmq.asyncio.Context | None = None
         self.rpc: zmq.asyncio.Socket | None = None
@@ -185,6 +187,7 @@ class Agent:
             await self.pool.close()
         await asyncio.gather(*(self.terminate(k, proto.REASON_AGENT_SHUTDOWN)
                                for k in list(self.kernels.values())), return_exceptions=True)
+        await self.zygotes.close()
         if self.events is not None:
             self.events.emit("instance_terminated", reason=reason)
             await self.events.close(SHUTDOWN_LINGER)
@@ -240,7 +243,7 @@ class Agent:
             limits = limits or self.max_limits(lang)
             try:
                 await runner.start(self.isolation, rlimits_for(limits, self.isolation),
-                                   limits.max_output)
+                                   limits.max_output, await self.zygotes.get(lang.python))
             except BaseException:
                 await asyncio.shield(runner.kill())
                 raise
@@ -356,6 +359,31 @@ class Agent:
         if reply.get("type") != "assigned":
             raise RunnerDied(f"unexpected reply to assign: {reply!r}")
 
+    async def _assigned_runner(self, lang: Language, limits: KernelLimits) -> RunnerProcess:
+        """A runner from the pool (or started now) that took `limits`.  A pooled runner
+        found dead (say, with its fork server) is replaced once, by a fresh one."""
+        assert self.pool is not None
+        for attempt in (1, 2):
+            try:
+                runner = await (self.pool.take(lang) if attempt == 1
+                                else self.spawn_runner(self.languages[lang.runtime]))
+            except (RunnerDied, OSError, RuntimeError) as exc:
+                raise RPCError(proto.ERR_CREATION_FAILED, f"cannot start a kernel: {exc}") \
+                    from None
+            try:
+                await self._assign(runner, limits)
+                return runner
+            except BaseException as exc:
+                await asyncio.shield(self.discard_runner(runner))
+                if attempt == 1 and isinstance(exc, RunnerDied):
+                    log.info("a warm %s runner had died: starting another", lang.runtime)
+                    continue
+                if isinstance(exc, (RunnerDied, TimeoutError, OSError)):
+                    raise RPCError(proto.ERR_CREATION_FAILED,
+                                   f"cannot start a kernel: {exc}") from None
+                raise
+        raise AssertionError("unreachable")
+
     def get_kernel(self, args: dict[str, Any]) -> Kernel:
         kernel = self.kernels.get(args["kernel_id"])
         if kernel is None or kernel.closing:
@@ -386,13 +414,8 @@ class Agent:
         self.creating += 1
         assert self.pool is not None and self.ctx is not None
         try:
+            runner = await self._assigned_runner(lang, limits)
             try:
-                runner = await self.pool.take(lang)
-            except (RunnerDied, OSError, RuntimeError) as exc:
-                raise RPCError(proto.ERR_CREATION_FAILED, f"cannot start a kernel: {exc}") \
-                    from None
-            try:
-                await self._assign(runner, limits)
                 kernel = Kernel(id=kernel_id, lang=lang, limits=limits,
                                 isolation=self.isolation, runner=runner)
                 self._watch(kernel, runner)

@@ -1,0 +1,46 @@
+"""Runners come from a fork server (zygote) per interpreter; its death is survivable."""
+from __future__ import annotations
+
+import os
+import signal
+
+import psutil
+
+from sorna_server import agent_protocol as proto
+
+from .conftest import stdout_of
+
+
+def _zygotes(harness) -> list[psutil.Process]:
+    agent = psutil.Process(harness.agent.proc.pid)
+    return [child for child in agent.children()
+            if "--zygote" in child.cmdline() and harness.agent.instance_id in child.cmdline()]
+
+
+def test_kernels_are_forked_by_one_zygote(harness):
+    first = harness.create("python3")
+    second = harness.create("bash")
+    zygotes = _zygotes(harness)
+    assert len(zygotes) == 1  # python3 and bash runners share the interpreter
+    forked = zygotes[0].children(recursive=True)
+    assert forked
+    if os.geteuid() == 0:  # the kernel processes dropped to unprivileged uids
+        assert zygotes[0].uids().real == 0
+        assert len({proc.uids().real for proc in forked if proc.uids().real != 0}) >= 2
+    assert stdout_of(harness.query(first, "import os\nos.getuid() != 0")) == "True\n"
+    assert stdout_of(harness.query(second, "echo $((40 + 2))")) == "42\n"
+
+
+def test_kernels_of_a_dead_zygote_are_reported_and_a_new_one_serves(harness):
+    kernel_id = harness.create("python3")
+    harness.query(kernel_id, "x = 1")
+    (zygote,) = _zygotes(harness)
+    zygote.send_signal(signal.SIGKILL)
+    event = harness.terminated(kernel_id)
+    assert event["reason"] == proto.REASON_EXITED
+    # the pool's runners died with it: the next creation takes a fresh one at once
+    created = harness.create("python3")
+    assert stdout_of(harness.query(created, "6 * 7")) == "42\n"
+    (replacement,) = _zygotes(harness)
+    assert replacement.pid != zygote.pid
+    assert harness.agent.proc.poll() is None
