@@ -7,7 +7,7 @@ import pytest
 
 from sorna_agent.languages import CatalogueError, load_catalogue
 
-from .conftest import stderr_of, stdout_of
+from .conftest import pty_exchange, stderr_of, stdout_of
 
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
 
@@ -100,6 +100,13 @@ def test_c_query_is_a_whole_program(harness):
                data=b'#include <stdio.h>\nint main(void) { puts("batch"); return 0; }\n')
     assert _batch(harness, kernel_id, build="*", exec="*")["status"] == "build-finished"
     assert stdout_of(_batch(harness, kernel_id, build="*", exec="*")) == "batch\n"
+
+
+@needs_gcc
+def test_c_terminal_is_a_shell_in_the_kernel_folder(harness):
+    created = harness.ok("create_kernel", lang="c")
+    harness.ok("upload_file", kernel_id=created["kernel_id"], name="main.c", data=HELLO_C)
+    pty_exchange(harness, created, b"ls *.c && echo listed-$((6*7))\n", b"listed-42")
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import psutil
 
@@ -44,3 +45,20 @@ def test_kernels_of_a_dead_zygote_are_reported_and_a_new_one_serves(harness):
     (replacement,) = _zygotes(harness)
     assert replacement.pid != zygote.pid
     assert harness.agent.proc.poll() is None
+
+
+def test_zygote_reaps_the_runners_it_forked(harness):
+    for _ in range(4):
+        kernel_id = harness.create("python3")
+        harness.query(kernel_id, "import subprocess\nsubprocess.run(['true'])")
+        harness.ok("destroy_kernel", kernel_id=kernel_id)
+    (zygote,) = _zygotes(harness)
+    deadline = time.monotonic() + 5
+    while True:
+        zombies = [child for child in zygote.children()
+                   if child.status() == psutil.STATUS_ZOMBIE]
+        if not zombies or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert zombies == []
+    assert zygote.children()  # the warm pool's runners are still its children
