@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+import zmq
 
 from .. import agent_protocol as proto
 from .. import redis_keys as keys
@@ -230,7 +231,7 @@ async def _ask_agents(reg: "Registry", instances: dict[str, Any],
             try:
                 reply = await reg.rpc.call(inst.addr, "list_kernels", {},
                                            timeout=min(reg.config.agent_rpc_timeout, 5.0))
-            except AgentError as exc:
+            except (AgentError, zmq.ZMQError) as exc:
                 log.warning("cannot list kernels of %s: %s", iid, exc)
                 return None
         return reply if isinstance(reply, dict) else {}
