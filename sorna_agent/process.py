@@ -77,6 +77,7 @@ class RunnerProcess:
         self.proc: subprocess.Popen | None = None  # when started directly, not forked
         self.outer_pid: int | None = None    # the process started for it (session leader)
         self.pidfd: int | None = None        # a handle on outer_pid, when forked by a zygote
+        self.zygote: Zygote | None = None    # ... by this one (it reaps outer_pid when told)
         self.pid: int | None = None          # the kernel process (outer pid)
         self.init_pid: int | None = None     # PID 1 of its namespace, when it has one
         self.transport: asyncio.Transport | None = None
@@ -123,6 +124,7 @@ class RunnerProcess:
             spec = self.spec(theirs.fileno(), isolation, rlimits, max_output)
             if zygote is not None:
                 try:
+                    self.zygote = zygote
                     self.outer_pid, self.pidfd = await zygote.fork(spec, theirs)
                 except ZygoteError as exc:
                     raise RunnerDied(str(exc)) from None
@@ -236,8 +238,8 @@ class RunnerProcess:
                 pass
             await wait_process(self.proc)
         elif self.pidfd is not None:
-            if self.init_pid is None and not _pidfd_exited(self.pidfd):
-                try:  # it has not exited, so the zygote has not reaped it: its group is ours
+            if self.init_pid is None:
+                try:  # not reaped until we say so: the group id is still the runner's
                     os.killpg(self.outer_pid, signal.SIGKILL)
                 except OSError:
                     pass
@@ -248,6 +250,8 @@ class RunnerProcess:
             await wait_pidfd(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = None
+            if self.zygote is not None and self.outer_pid is not None:
+                self.zygote.reap(self.outer_pid)
         if self.transport is not None:
             self.transport.abort()
         if self._gone is not None:

@@ -662,33 +662,25 @@ def start_kernel(spec, ctl_fd):
 # `runner.py --zygote FD AGENT_PID LABEL` starts a long-lived process that has
 # imported everything a kernel needs and forks one fresh runner per request, so a
 # runner costs a fork instead of an interpreter start.  FD is a SOCK_SEQPACKET
-# socket: each request is one JSON spec (as for a directly started runner) with
-# the runner's control socket attached (SCM_RIGHTS); each reply is
-# {"type": "forked", "pid": N} with a pidfd of the new process attached (or
-# {"type": "error", "message": ...}).  The first message is {"type": "ready"}.
-# The zygote dies with the agent (PDEATHSIG) and its runners die with it; it
-# reaps its exited children itself.  LABEL only names the agent in `ps` output.
+# socket carrying one JSON object per message:
+#   {"op": "fork", "spec": {...}} with the runner's control socket attached
+#       (SCM_RIGHTS); reply {"type": "forked", "pid": N} with a pidfd of the new
+#       process attached, or {"type": "error", "message": ...};
+#   {"op": "reap", "pid": N}: collect that exited child (no reply).  The agent
+#       sends it after it has killed the runner (its process group included) and
+#       seen it exit, so a runner's pid and process group id are never reused
+#       while the agent may still signal them.
+# The first message is {"type": "ready"}.  The zygote dies with the agent
+# (PDEATHSIG) and its runners die with it.  LABEL only names the agent in `ps`.
 
 ZYGOTE_PRELOAD = ("ast", "getpass", "rlcompleter", "traceback", "tempfile", "subprocess",
                   "resource", "fcntl", "shlex")
-
-
-def _reap_children(signum, frame):
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
 
 
 def _zygote_child(zsock, zygote_pid, spec, ctl_fd):
     """In the fork: undo the zygote's own settings, then become the runner."""
     try:
         zsock.close()
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != zygote_pid:
             os._exit(0)  # the zygote died before we were set up
@@ -701,6 +693,18 @@ def _zygote_child(zsock, zygote_pid, spec, ctl_fd):
     os._exit(70)
 
 
+def _zygote_fork(sock, me, message, fds):
+    """Fork a runner for one request: (reply, fds to attach)."""
+    if len(fds) != 1 or not isinstance(message.get("spec"), dict):
+        raise ValueError("a fork request needs a spec and one control socket")
+    spec = message["spec"]
+    spec["fd"] = fds[0]
+    pid = os.fork()
+    if pid == 0:
+        _zygote_child(sock, me, spec, fds[0])
+    return {"type": "forked", "pid": pid}, [os.pidfd_open(pid)]
+
+
 def zygote(sock_fd, agent_pid):
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != agent_pid:
@@ -710,9 +714,9 @@ def zygote(sock_fd, agent_pid):
     for name in ZYGOTE_PRELOAD:
         importlib.import_module(name)
     gc.freeze()  # what exists now stays shared with the forks (no GC writes to it)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # children wait for an explicit reap
     sock = socket.socket(fileno=sock_fd)
     sock.setblocking(True)
-    signal.signal(signal.SIGCHLD, _reap_children)
     me = os.getpid()
     sock.send(json.dumps({"type": "ready", "pid": me}).encode())
     while True:
@@ -722,25 +726,18 @@ def zygote(sock_fd, agent_pid):
             os._exit(0)
         if not data and not fds:
             os._exit(0)  # the agent closed its end
-        pidfd = None
+        attached = []
         try:
-            if len(fds) != 1:
-                raise ValueError(f"expected one control socket, got {len(fds)} fds")
-            spec = json.loads(data)
-            spec["fd"] = fds[0]
-            # SIGCHLD stays blocked until we hold a pidfd: the child cannot be reaped
-            # (and its pid reused) before the agent has a handle on it
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-            try:
-                pid = os.fork()
-                if pid == 0:
-                    _zygote_child(sock, me, spec, fds[0])
-                pidfd = os.pidfd_open(pid)
-            finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-            reply, attached = {"type": "forked", "pid": pid}, [pidfd]
-        except (OSError, ValueError) as exc:
-            reply, attached = {"type": "error", "message": str(exc)}, []
+            message = json.loads(data)
+            if message.get("op") == "reap":
+                try:
+                    os.waitpid(int(message["pid"]), os.WNOHANG)
+                except (ChildProcessError, ValueError, KeyError, TypeError):
+                    pass
+                continue
+            reply, attached = _zygote_fork(sock, me, message, fds)
+        except (OSError, ValueError, AttributeError) as exc:
+            reply = {"type": "error", "message": str(exc)}
         finally:
             for fd in fds:
                 os.close(fd)
@@ -749,8 +746,8 @@ def zygote(sock_fd, agent_pid):
         except OSError:
             os._exit(0)
         finally:
-            if pidfd is not None:
-                os.close(pidfd)
+            for fd in attached:
+                os.close(fd)
 
 
 def main():

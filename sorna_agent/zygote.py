@@ -4,9 +4,11 @@ A zygote has already paid interpreter start-up and the imports a runner needs;
 asked for a runner, it forks one in a few milliseconds, and the fork then
 sandboxes itself exactly like a directly started runner (namespaces, rlimits,
 uid, working directory).  The agent gets the new process's pid and a pidfd,
-which it uses to kill and wait for it (the zygote, not the agent, is its parent
-and reaps it).  Runners die with their zygote (PDEATHSIG), and the zygote dies
-with the agent.  The wire format is described at the zygote in runner.py.
+which it uses to kill and wait for it; the zygote, its parent, reaps it only
+when the agent says so (after the kill), so its pid and process group id cannot
+be reused while the agent may still signal them.  Runners die with their
+zygote (PDEATHSIG), and the zygote dies with the agent.  The wire format is
+described at the zygote in runner.py.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class Zygote:
         self.sock: socket.socket | None = None
         self.replies: collections.deque[asyncio.Future] = collections.deque()
         self.lock = asyncio.Lock()
+        self.abandoned: set[asyncio.Task] = set()
         self.alive = False
 
     async def start(self) -> None:
@@ -99,7 +102,24 @@ class Zygote:
                 if not future.done():
                     future.set_result((message, fds))
                     continue
+            if message.get("type") == "forked" and len(fds) == 1:
+                # its requester gave up: end that runner and have it reaped
+                task = asyncio.ensure_future(self._abandon(int(message["pid"]), fds[0]))
+                self.abandoned.add(task)
+                task.add_done_callback(self.abandoned.discard)
+                continue
             _close_all(fds)
+
+    async def _abandon(self, pid: int, pidfd: int) -> None:
+        from .process import wait_pidfd
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            await wait_pidfd(pidfd)
+        except OSError:
+            pass
+        finally:
+            os.close(pidfd)
+        self.reap(pid)
 
     def _gone(self) -> None:
         if self.alive:
@@ -118,8 +138,9 @@ class Zygote:
             if not self.alive or self.sock is None:
                 raise ZygoteError("the fork server is not running")
             reply = self._expect_reply()
+            request = json.dumps({"op": "fork", "spec": spec}).encode()
             try:
-                socket.send_fds(self.sock, [json.dumps(spec).encode()], [control.fileno()])
+                socket.send_fds(self.sock, [request], [control.fileno()])
             except OSError as exc:
                 self.replies.remove(reply)
                 raise ZygoteError(f"cannot reach the fork server: {exc}") from None
@@ -133,6 +154,14 @@ class Zygote:
             _close_all(fds)
             raise ZygoteError(f"fork failed: {message.get('message', message)}")
         return int(message["pid"]), fds[0]
+
+    def reap(self, pid: int) -> None:
+        """Let the zygote collect a runner the agent has killed and seen exit."""
+        if self.alive and self.sock is not None:
+            try:
+                self.sock.send(json.dumps({"op": "reap", "pid": pid}).encode())
+            except OSError as exc:
+                log.warning("cannot ask the fork server to reap %s: %s", pid, exc)
 
     async def close(self) -> None:
         """Stop the zygote (runners it forked that are still alive die with it)."""
