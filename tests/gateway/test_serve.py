@@ -136,6 +136,19 @@ def test_standalone_from_an_empty_folder_with_sorna_client(serve):
     assert run.stdout.splitlines() == ["1"], (run.stdout, run.stderr)
     assert "Traceback" not in run.stderr
 
+    # its console scripts: `lpython` runs language "python", `lcc` builds and runs C files
+    scripts = Path(sys.executable).parent
+    lpython = subprocess.run([str(scripts / "lpython"), "-q", "-c", "print(6 * 7)"],
+                             env=client_env(endpoint), capture_output=True, text=True,
+                             timeout=60, cwd=server.cwd)
+    assert lpython.stdout.splitlines() == ["42"], (lpython.stdout, lpython.stderr)
+    (server.cwd / "hello.c").write_text(
+        '#include <stdio.h>\nint main(void) { printf("hello %d\\n", 6 * 7); return 0; }\n')
+    lcc = subprocess.run([str(scripts / "lcc"), "hello.c", "-q"], env=client_env(endpoint),
+                         capture_output=True, text=True, timeout=90, cwd=server.cwd)
+    assert "hello 42" in lcc.stdout, (lcc.stdout, lcc.stderr)
+    assert "Traceback" not in lcc.stdout + lcc.stderr
+
     # its Kernel class, unchanged
     (server.cwd / "main.py").write_text("print('batch', sum(range(5)))\n")
     script = subprocess.run([sys.executable, "-c", KERNEL_SCRIPT], env=client_env(endpoint),
