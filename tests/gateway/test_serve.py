@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -200,3 +201,41 @@ def test_workers_share_the_port_and_a_second_signal_forces_exit(serve):
     assert code != 0
     assert time.monotonic() - started < 10
     assert "forced exit" in server.log()
+
+
+def test_https_and_registry_cli_beside_a_standalone_server(serve, tmp_path):
+    """TLS with --ssl-cert/--ssl-key, and `sorna registry` reaching the embedded
+    Redis that the running standalone server holds (same data folder)."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_file = _write_pem(tmp_path / "cert.pem", cert.cert_chain_pems)
+    key_file = _write_pem(tmp_path / "key.pem", [cert.private_key_pem])
+    ca_file = _write_pem(tmp_path / "ca.pem", [ca.cert_pem])
+    server, ports = serve("--standalone", "--ssl-cert", str(cert_file), "--ssl-key",
+                          str(key_file), name="tls")
+    endpoint = server.wait_ready()
+    assert endpoint == f"https://127.0.0.1:{ports['port']}"
+    resp = requests.get(endpoint + "/v2", timeout=10, verify=str(ca_file))
+    assert resp.status_code == 200 and resp.json()["version"].startswith("v")
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(endpoint + "/v2", timeout=10)  # not trusted without the CA
+
+    env = {**client_env(endpoint), "REQUESTS_CA_BUNDLE": str(ca_file)}
+    run = subprocess.run([sys.executable, "-m", "sorna.cli", "run", "python3", "-c",
+                          "print('over tls')"], env=env, capture_output=True, text=True,
+                         timeout=60, cwd=server.cwd)
+    assert run.stdout.splitlines() == ["over tls"], run.stderr
+
+    listing = subprocess.run([sys.executable, "-m", "sorna_cli", "registry", "list", "--json"],
+                             cwd=server.cwd, capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0, listing.stderr
+    instances = json.loads(listing.stdout)
+    assert len(instances) == 1
+    assert instances[0]["status"] == "running" and "python3" in instances[0]["languages"]
+    assert server.stop() == 0
+
+
+def _write_pem(path: Path, blobs: list[Any]) -> Path:
+    path.write_bytes(b"".join(blob.bytes() for blob in blobs))
+    return path
