@@ -9,6 +9,7 @@ request hang until its deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from typing import Any
@@ -20,6 +21,8 @@ from zmq.utils.monitor import parse_monitor_message
 from . import agent_protocol as proto
 
 log = logging.getLogger(__name__)
+
+MAX_SOCKETS = 65536  # libzmq's default is 1,023 per context
 
 
 class AgentError(Exception):
@@ -49,12 +52,23 @@ class AgentTimeout(AgentError):
 
 
 class _Connection:
-    """One DEALER socket to one agent, with its reader and monitor tasks."""
+    """One DEALER socket to one agent, read by event-loop callbacks.
 
-    def __init__(self, ctx: zmq.asyncio.Context, addr: str):
+    The sockets are plain (non-asyncio) pyzmq sockets: the loop watches their
+    ZMQ_FD with `add_reader`, and each wake-up drains every queued message
+    with NOBLOCK until EAGAIN.  That FD is edge-triggered (it signals state
+    changes, not "data available"), so after each send — which may consume
+    the edge — ZMQ_EVENTS is checked and a drain scheduled when replies are
+    already waiting.  A monitor socket reports the ZMTP handshake and
+    disconnects, so calls fail fast when the agent goes away.
+    """
+
+    def __init__(self, ctx: zmq.Context, addr: str, loop: asyncio.AbstractEventLoop):
         self.addr = addr
+        self.loop = loop
         self.pending: dict[int, asyncio.Future] = {}
         self.connected = asyncio.Event()
+        self.closed = False
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -67,31 +81,56 @@ class _Connection:
         self.monitor = self.sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
         self.sock.connect(addr)
-        self.reader = asyncio.create_task(self._read_replies(), name=f"rpc-reader {addr}")
-        self.watcher = asyncio.create_task(self._watch(), name=f"rpc-monitor {addr}")
+        self._fds = (self.sock.getsockopt(zmq.FD), self.monitor.getsockopt(zmq.FD))
+        loop.add_reader(self._fds[0], self.drain_replies)
+        loop.add_reader(self._fds[1], self._drain_monitor)
+        loop.call_soon(self.drain_replies)
+        loop.call_soon(self._drain_monitor)
 
-    async def _read_replies(self) -> None:
-        while True:
-            frame = await self.sock.recv()
+    def send(self, frame: bytes) -> None:
+        """Queue one request (raises zmq.Again when the agent is not connected)."""
+        self.sock.send(frame, zmq.NOBLOCK)
+        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self.loop.call_soon(self.drain_replies)
+
+    def drain_replies(self) -> None:
+        sock = self.sock
+        while not self.closed:
             try:
-                reply = proto.decode_reply(frame)
-            except proto.ProtocolError as exc:
-                log.warning("dropped malformed reply from %s: %s", self.addr, exc)
-                continue
-            future = self.pending.pop(reply.id, None) if isinstance(reply.id, int) else None
-            if future is None or future.done():
-                continue  # the caller gave up already
-            if reply.ok:
-                future.set_result(reply.result)
-            else:
-                error = dict(reply.error)
-                err_type = error.pop("type")
-                message = error.pop("message", "")
-                future.set_exception(AgentError(err_type, message, error))
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                log.warning("reading replies from %s: %s", self.addr, exc)
+                return
+            self._dispatch(frame)
 
-    async def _watch(self) -> None:
-        while True:
-            event = parse_monitor_message(await self.monitor.recv_multipart())
+    def _dispatch(self, frame: bytes) -> None:
+        try:
+            reply = proto.decode_reply(frame)
+        except proto.ProtocolError as exc:
+            log.warning("dropped malformed reply from %s: %s", self.addr, exc)
+            return
+        future = self.pending.pop(reply.id, None) if isinstance(reply.id, int) else None
+        if future is None or future.done():
+            return  # the caller gave up already
+        if reply.ok:
+            future.set_result(reply.result)
+        else:
+            error = dict(reply.error)
+            err_type = error.pop("type")
+            message = error.pop("message", "")
+            future.set_exception(AgentError(err_type, message, error))
+
+    def _drain_monitor(self) -> None:
+        while not self.closed:
+            try:
+                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                log.warning("reading the monitor of %s: %s", self.addr, exc)
+                return
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected.set()
             elif event["event"] in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
@@ -105,30 +144,46 @@ class _Connection:
                 future.set_exception(AgentUnreachable(self.addr, message))
 
     async def close(self) -> None:
-        for task in (self.reader, self.watcher):
-            task.cancel()
-        await asyncio.gather(self.reader, self.watcher, return_exceptions=True)
+        if self.closed:
+            return
+        self.closed = True
+        for fd in self._fds:
+            self.loop.remove_reader(fd)
         self.fail_all("client closed")
         self.sock.disable_monitor()
         self.monitor.close(linger=0)
         self.sock.close(linger=0)
 
 
+def _sync_context(ctx: zmq.Context | None) -> zmq.Context:
+    """A plain pyzmq context on the same libzmq context (the shared instance by
+    default, so the process keeps one I/O thread), with the socket limit raised."""
+    base = ctx if ctx is not None else zmq.asyncio.Context.instance()
+    with contextlib.suppress(zmq.ZMQError):
+        # libzmq sizes its socket table when the context creates its first
+        # socket: this only helps when the RPC client is set up first (the
+        # gateway does so); the default allows 1,023 sockets, and each agent
+        # connection takes three (DEALER, monitor pair).
+        if base.get(zmq.MAX_SOCKETS) < MAX_SOCKETS:
+            base.set(zmq.MAX_SOCKETS, MAX_SOCKETS)
+    return base if type(base) is zmq.Context else zmq.Context.shadow(base.underlying)
+
+
 class AgentRPCClient:
     """Call agent RPC methods: `await client.call(addr, "execute", {...}, timeout=12)`."""
 
     def __init__(self, default_timeout: float = 10.0, connect_grace: float = 1.0,
-                 ctx: zmq.asyncio.Context | None = None):
+                 ctx: zmq.Context | None = None):
         self.default_timeout = default_timeout
         self.connect_grace = connect_grace
-        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._ctx = _sync_context(ctx)
         self._conns: dict[str, _Connection] = {}
         self._ids = itertools.count(1)
 
     def _connection(self, addr: str) -> _Connection:
         conn = self._conns.get(addr)
         if conn is None:
-            conn = self._conns[addr] = _Connection(self._ctx, addr)
+            conn = self._conns[addr] = _Connection(self._ctx, addr, asyncio.get_running_loop())
         return conn
 
     async def call(self, addr: str, method: str, args: dict[str, Any] | None = None,
@@ -141,7 +196,7 @@ class AgentRPCClient:
         """
         timeout = self.default_timeout if timeout is None else timeout
         conn = self._connection(addr)
-        loop = asyncio.get_running_loop()
+        loop = conn.loop
         deadline = loop.time() + timeout
         if not conn.connected.is_set():
             try:
@@ -151,17 +206,15 @@ class AgentRPCClient:
         req_id = next(self._ids)
         future: asyncio.Future = loop.create_future()
         conn.pending[req_id] = future
+        timer = loop.call_at(deadline, _expire, future, addr, method, timeout)
         try:
             try:
-                await conn.sock.send(proto.encode_request(req_id, method, args), flags=zmq.NOBLOCK)
+                conn.send(proto.encode_request(req_id, method, args))
             except zmq.Again:
                 raise AgentUnreachable(addr, "not connected") from None
-            remaining = max(deadline - loop.time(), 0)
-            try:
-                return await asyncio.wait_for(asyncio.shield(future), remaining)
-            except TimeoutError:
-                raise AgentTimeout(addr, method, timeout) from None
+            return await future
         finally:
+            timer.cancel()
             conn.pending.pop(req_id, None)
 
     async def forget(self, addr: str) -> None:
@@ -173,3 +226,8 @@ class AgentRPCClient:
     async def close(self) -> None:
         conns, self._conns = list(self._conns.values()), {}
         await asyncio.gather(*(conn.close() for conn in conns), return_exceptions=True)
+
+
+def _expire(future: asyncio.Future, addr: str, method: str, timeout: float) -> None:
+    if not future.done():
+        future.set_exception(AgentTimeout(addr, method, timeout))

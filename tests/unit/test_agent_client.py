@@ -84,3 +84,19 @@ async def test_inflight_call_fails_when_peer_disappears(router):
             await asyncio.wait_for(call, 5)
     finally:
         await client.close()
+
+
+async def test_many_agents_do_not_exhaust_the_socket_table(free_port):
+    """Three ZeroMQ sockets per agent connection: 600 agents pass libzmq's default
+    limit of 1,023 sockets per context, which the client raises."""
+    ctx = zmq.Context()
+    client = AgentRPCClient(connect_grace=0.05, ctx=ctx)
+    try:
+        addrs = [f"tcp://127.0.0.1:{free_port()}" for _ in range(600)]
+        results = await asyncio.gather(*(client.call(addr, "ping", timeout=1) for addr in addrs),
+                                       return_exceptions=True)
+        assert all(isinstance(r, AgentUnreachable) for r in results), \
+            {type(r).__name__ for r in results}
+    finally:
+        await client.close()
+        ctx.term()
