@@ -261,6 +261,16 @@ class Registry:
         """Count one query and stamp last_used; returns the new count (0 if unknown)."""
         return int(await scripts.touch_kernel(self.redis.kernels, kernel_id, repr(time.time())))
 
+    async def touch_kernels(self, counts: dict[str, int]) -> int:
+        """touch_kernel for many kernels at once: add `counts[id]` queries to each
+        and stamp last_used; returns how many of them exist."""
+        args: list[Any] = [repr(time.time())]
+        for kernel_id, count in counts.items():
+            args += [kernel_id, int(count)]
+        if len(args) == 1:
+            return 0
+        return int(await scripts.touch_kernels(self.redis.kernels, *args))
+
     async def update_stats(self, stats: dict[str, dict[str, Any]]) -> int:
         args: list[str] = []
         for kernel_id, values in stats.items():

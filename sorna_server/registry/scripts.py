@@ -316,6 +316,21 @@ redis.call('HSET', k, 'last_used', ARGV[2])
 return redis.call('HINCRBY', k, 'num_queries', 1)
 """
 
+# ARGV: now, then pairs of kernel id, number of queries.  Batched touch_kernel:
+# only kernels that exist are updated; returns how many were.
+TOUCH_KERNELS = _KERNEL_PRELUDE + """
+local n = 0
+for i = 2, #ARGV, 2 do
+  local k = P_KERNEL .. ARGV[i]
+  if redis.call('EXISTS', k) == 1 then
+    redis.call('HSET', k, 'last_used', ARGV[1])
+    redis.call('HINCRBY', k, 'num_queries', ARGV[i + 1])
+    n = n + 1
+  end
+end
+return n
+"""
+
 # ARGV: kernel id, then field/value pairs.  Only updates a kernel that exists.
 UPDATE_KERNEL = _KERNEL_PRELUDE + """
 local k = P_KERNEL .. ARGV[1]
@@ -376,10 +391,11 @@ set_draining = LuaScript("set_draining", SET_DRAINING)
 forget_instance = LuaScript("forget_instance", FORGET_INSTANCE)
 update_stats = LuaScript("update_stats", UPDATE_STATS)
 touch_kernel = LuaScript("touch_kernel", TOUCH_KERNEL)
+touch_kernels = LuaScript("touch_kernels", TOUCH_KERNELS)
 update_kernel = LuaScript("update_kernel", UPDATE_KERNEL)
 claim_session = LuaScript("claim_session", CLAIM_SESSION)
 release_session = LuaScript("release_session", RELEASE_SESSION)
 
 ALL = (schedule, unreserve, bind_kernel, forget_kernel, heartbeat, sweep, revive, set_draining,
-       forget_instance, update_stats, touch_kernel, update_kernel, claim_session,
+       forget_instance, update_stats, touch_kernel, touch_kernels, update_kernel, claim_session,
        release_session)

@@ -43,6 +43,11 @@ async def test_kernel_lifecycle(gateway_factory):
     assert status == 200
     assert info["lang"] == "python3"
     assert info["numQueriesExecuted"] == 3
+    # concurrent queries are counted in batches, none lost, all written before info answers
+    results = await asyncio.gather(*(gw.execute(kernel_id, "1") for _ in range(12)))
+    assert [status for status, _ in results] == [200] * 12
+    status, _, info = await gw.request("GET", f"/v2/kernel/{kernel_id}")
+    assert info["numQueriesExecuted"] == 15
     assert info["queryTimeout"] > 0 and info["idleTimeout"] > 0 and info["memoryLimit"] > 0
     assert set(info) >= {"age", "maxCpuCredit", "idle", "memoryUsed", "cpuCreditUsed"}
 

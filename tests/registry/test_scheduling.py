@@ -115,9 +115,13 @@ async def test_kernel_record_roundtrip_and_touch(env):
     assert await env.registry.touch_kernel(kid) == 1
     assert await env.registry.touch_kernel(kid) == 2
     assert await env.registry.touch_kernel("nope") == 0
+    before = (await env.registry.get_kernel(kid)).last_used
+    assert await env.registry.touch_kernels({kid: 3, "nope": 5}) == 1
+    assert await env.registry.touch_kernels({}) == 0
     await env.registry.update_ports(kid, 7001, 7002)
     record = await env.registry.get_kernel(kid)
-    assert (record.stdin_port, record.stdout_port, record.num_queries) == (7001, 7002, 2)
+    assert (record.stdin_port, record.stdout_port, record.num_queries) == (7001, 7002, 5)
+    assert record.last_used >= before
     await env.registry.update_ports("nope", 1, 2)
     assert await env.registry.get_kernel("nope") is None
     inst = await env.registry.get_instance("i-a")
