@@ -98,6 +98,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     finally:
         await kernels.close()
         await activity.stop()
+        await app[keys.RATE_LIMITER].close()
 
 
 async def _legacy(app: web.Application) -> AsyncIterator[None]:

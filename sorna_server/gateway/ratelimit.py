@@ -1,11 +1,25 @@
 """Per-keypair rate limiting (fourth middleware), shared by every gateway process.
 
-The historic rolling 15-minute window: each accepted request is a member of a
+The historic rolling 15-minute window: each counted request is a member of a
 sorted set per access key (score = time in ms) in the `ratelimit` Redis
 database.  One Lua script drops members older than the window, counts, adds
 the request when under the limit and reports the count and the time until
-the oldest counted request leaves the window, so a request costs exactly one
-Redis round trip and concurrent gateways never over-admit.
+the oldest counted request leaves the window, so concurrent gateways never
+over-admit.  Concurrent requests share one script call (each still gets its
+own atomic count).
+
+Leases, for keys with large limits: a busy key may take several slots in one
+call (at most 0.1% of its limit and `MAX_LEASE`, growing only while leases
+get used up) and admit that many requests locally without asking Redis.  The
+slots are counted in Redis *before* they are used, so several gateways still
+never admit more than the limit; slots not used within `LEASE_TTL` are given
+back (removed from the set) at the key's next request or at shutdown.  Consequences, per gateway: the reported
+remaining count ignores other gateways' requests for up to `LEASE_TTL`; a
+gateway that dies holding a lease leaves at most `MAX_LEASE` unused slots
+counted until they leave the window; and when Redis fails, a key with a
+lease may go on for at most its leased requests (within `LEASE_TTL`) before
+its requests answer 503.  Keys with a limit below 2,000 never lease: every
+request is counted in Redis as it arrives.
 
 Every response carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and
 `X-RateLimit-Reset` (milliseconds until one more request is allowed, or the
@@ -16,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -23,44 +38,52 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from .. import redis_keys
 from . import keys
 from .keys import KEYPAIR, RATE_LIMIT
 from .errors import RateLimitExceeded
 
+log = logging.getLogger(__name__)
+
 HISTORIC_WINDOW = 15 * 60.0
 ANONYMOUS_LIMIT = 1000
+MAX_LEASE = 64          # slots one gateway may hold for one key
+LEASE_SHARE = 1000      # ... and at most limit // LEASE_SHARE of them
+LEASE_TTL = 0.5         # seconds; unused slots are given back afterwards
 
 
-# KEYS: one rate-limit key per request of the batch; ARGV: now (ms), window (ms),
-# then (limit, member) per key.  Returns {allowed, count, reset} per key.
+# KEYS: one rate-limit key per entry of the batch; ARGV: now (ms), window (ms),
+# then (limit, member, n) per key: add up to n members (member .. ':' .. j) while
+# under the limit.  Returns {granted, count, reset} per key.
 _SCRIPT = """
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local out = {}
 for i, key in ipairs(KEYS) do
-  local limit = tonumber(ARGV[1 + 2 * i])
-  local member = ARGV[2 + 2 * i]
+  local limit = tonumber(ARGV[3 * i])
+  local member = ARGV[3 * i + 1]
+  local n = tonumber(ARGV[3 * i + 2])
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
   local count = redis.call('ZCARD', key)
-  local allowed = 0
-  if count < limit then
-    redis.call('ZADD', key, now, member)
-    count = count + 1
-    allowed = 1
+  local granted = math.max(math.min(n, limit - count), 0)
+  for j = 1, granted do
+    redis.call('ZADD', key, now, member .. ':' .. j)
   end
+  count = count + granted
   redis.call('PEXPIRE', key, window)
   local reset = window
   local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
   if oldest[2] then
     reset = tonumber(oldest[2]) + window - now
   end
-  out[i] = {allowed, count, reset}
+  out[i] = {granted, count, reset}
 end
 return out
 """
 MAX_BATCH = 256
+
 
 @dataclass(frozen=True, slots=True)
 class RateLimitState:
@@ -75,22 +98,41 @@ class RateLimitState:
                 "X-RateLimit-Reset": str(self.reset_ms)}
 
 
-class RateLimiter:
-    """Counts requests in Redis; concurrent requests share one script call.
+@dataclass(slots=True)
+class _Lease:
+    """Slots of one key counted in Redis and not used yet by this gateway."""
+    key: str
+    member: str        # the slots are members member:1 .. member:size
+    size: int
+    left: int
+    limit: int
+    count: int         # the key's count in Redis right after the grant
+    reset_at: float    # monotonic time at which one more slot frees up
+    expires: float     # monotonic
 
-    While one call is in flight, new requests queue up and go together in the
-    next call (each request still gets its own atomic count), so under load
-    the Redis round trips per request drop well below one.
-    """
+    def take(self, now: float) -> RateLimitState:
+        self.left -= 1
+        return RateLimitState(self.limit, max(self.limit - self.count + self.left, 0),
+                              max(int((self.reset_at - now) * 1000), 0))
+
+
+class RateLimiter:
+    """Counts requests in Redis; concurrent requests share one script call,
+    and busy keys with large limits take leases (see the module text)."""
 
     def __init__(self, redis: aioredis.Redis, window: float = HISTORIC_WINDOW):
         self.redis = redis
         self.window_ms = max(int(window * 1000), 1)
+        self.lease_ttl = min(LEASE_TTL, window / 100)
         self._script = redis.register_script(_SCRIPT)
         self._member_prefix = f"{os.getpid()}.{os.urandom(3).hex()}."
         self._seq = itertools.count()
-        self._queue: list[tuple[str, int, str, asyncio.Future[RateLimitState]]] = []
+        self._queue: list[tuple[str, int, str, int, asyncio.Future[tuple[int, int, int]]]] = []
         self._in_flight = False
+        self._leases: dict[str, _Lease] = {}
+        self._lease_size: dict[str, int] = {}
+        self._leasing: dict[str, asyncio.Future[None]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
 
     def anonymous(self) -> RateLimitState:
         return RateLimitState(ANONYMOUS_LIMIT, ANONYMOUS_LIMIT, self.window_ms)
@@ -101,9 +143,79 @@ class RateLimiter:
 
     async def hit(self, access_key: str, limit: int) -> RateLimitState:
         """Count one request of `access_key`; `allowed` is False when over the limit."""
-        future: asyncio.Future[RateLimitState] = asyncio.get_running_loop().create_future()
-        member = f"{self._member_prefix}{next(self._seq)}"
-        self._queue.append((redis_keys.ratelimit(access_key), limit, member, future))
+        if min(MAX_LEASE, limit // LEASE_SHARE) < 2:
+            return self._state(limit, *await self._count(access_key, limit, 1))
+        while True:
+            now = time.monotonic()
+            lease = self._leases.get(access_key)
+            if lease is not None:
+                if lease.left > 0 and lease.expires > now and lease.limit == limit:
+                    return lease.take(now)
+                self._end_lease(access_key, lease, now)
+            leasing = self._leasing.get(access_key)
+            if leasing is None:
+                break
+            await asyncio.shield(leasing)  # another request is taking a lease: use it
+        return await self._take_lease(access_key, limit)
+
+    async def _take_lease(self, access_key: str, limit: int) -> RateLimitState:
+        size = min(self._lease_size.get(access_key, 1), MAX_LEASE, limit // LEASE_SHARE)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._leasing[access_key] = done
+        try:
+            member = self._next_member()
+            granted, count, reset = await self._count(access_key, limit, size, member)
+            now = time.monotonic()
+            if granted == 0:
+                return self._state(limit, 0, count, reset)
+            lease = _Lease(redis_keys.ratelimit(access_key), member, granted, granted, limit,
+                           count, now + reset / 1000, now + self.lease_ttl)
+            self._leases[access_key] = lease
+            return lease.take(now)
+        finally:
+            del self._leasing[access_key]
+            done.set_result(None)
+
+    def _end_lease(self, access_key: str, lease: _Lease, now: float) -> None:
+        """Drop a used-up or expired lease; size the next one; give unused slots back."""
+        del self._leases[access_key]
+        used = lease.size - lease.left
+        self._lease_size[access_key] = used * 2 if lease.left == 0 else max(used, 1)
+        if len(self._lease_size) > 10000:
+            self._lease_size.clear()
+        if lease.left > 0:
+            unused = [f"{lease.member}:{j}" for j in range(used + 1, lease.size + 1)]
+            task = asyncio.ensure_future(self._give_back(lease.key, unused))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _give_back(self, key: str, members: list[str]) -> None:
+        try:
+            await self.redis.zrem(key, *members)
+        except (RedisError, OSError) as exc:  # they leave the window by themselves
+            log.info("could not give back %d rate-limit slots of %s: %s", len(members), key, exc)
+
+    async def close(self) -> None:
+        """Give back the unused slots of every lease."""
+        now = time.monotonic()
+        for access_key, lease in list(self._leases.items()):
+            self._end_lease(access_key, lease, now)
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _state(self, limit: int, granted: int, count: int, reset: int) -> RateLimitState:
+        return RateLimitState(limit, max(limit - int(count), 0), max(int(reset), 0),
+                              bool(granted))
+
+    def _next_member(self) -> str:
+        return f"{self._member_prefix}{next(self._seq)}"
+
+    async def _count(self, access_key: str, limit: int, n: int,
+                     member: str | None = None) -> tuple[int, int, int]:
+        """Add up to n slots for the key in Redis: (granted, count, reset ms)."""
+        future: asyncio.Future[tuple[int, int, int]] = \
+            asyncio.get_running_loop().create_future()
+        self._queue.append((redis_keys.ratelimit(access_key), limit,
+                            member or self._next_member(), n, future))
         if not self._in_flight:
             self._in_flight = True
             asyncio.get_running_loop().call_soon(self._send_next)
@@ -116,13 +228,13 @@ class RateLimiter:
             return
         asyncio.ensure_future(self._send(batch))
 
-    async def _send(self, batch: list[tuple[str, int, str, asyncio.Future[RateLimitState]]]
-                    ) -> None:
+    async def _send(self, batch: list[tuple[str, int, str, int,
+                                            asyncio.Future[tuple[int, int, int]]]]) -> None:
         args: list[object] = [int(time.time() * 1000), self.window_ms]
-        for _, limit, member, _ in batch:
-            args += [limit, member]
+        for _, limit, member, n, _ in batch:
+            args += [limit, member, n]
         try:
-            replies = await self._script(keys=[key for key, _, _, _ in batch], args=args)
+            replies = await self._script(keys=[entry[0] for entry in batch], args=args)
         except BaseException as exc:
             for *_, future in batch:
                 if not future.done():
@@ -130,10 +242,9 @@ class RateLimiter:
             if not isinstance(exc, Exception):
                 raise
         else:
-            for (_, limit, _, future), (allowed, count, reset) in zip(batch, replies):
+            for (*_, future), (granted, count, reset) in zip(batch, replies):
                 if not future.done():
-                    future.set_result(RateLimitState(limit, max(limit - int(count), 0),
-                                                     max(int(reset), 0), bool(int(allowed))))
+                    future.set_result((int(granted), int(count), int(reset)))
         finally:
             self._send_next()
 
