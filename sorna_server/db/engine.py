@@ -34,6 +34,11 @@ def async_url(url: str) -> URL:
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode cannot corrupt the database: a commit is durable once the
+    # WAL is synced at the next checkpoint, so an OS crash or power loss may drop
+    # the last commits (never a process crash).  It saves an fsync per commit
+    # (~0.4 ms here; two commits per kernel creation).
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
