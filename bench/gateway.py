@@ -13,6 +13,14 @@ concurrent clients; the cases run in interleaved rounds for a fixed time each:
 Targets: authorize >= 50% of hello's throughput; the gateway adds <= 1.5 ms
 to an execute at p50.
 
+Reading the execute figures: exec-rpc sends its calls back to back, so the
+agent and its runner never go idle; through the gateway they idle while each
+request crosses HTTP, so part of what "the gateway adds" is the agent waking
+up.  Measured on a 2-core VM: the same RPC costs ~0.85 ms back to back, ~1.0 ms
+after a 0.5 ms pause and ~1.7 ms after a 2 ms pause, from any client process.
+With 32 clients all cases are CPU-bound (client, gateway, agent and runner
+share the cores), so the gap there reflects the gateway's CPU per request.
+
     python bench/gateway.py [--duration 3] [--json]
 """
 from __future__ import annotations

@@ -80,8 +80,9 @@ SESSION_PREFIX = "session:"
 # --- database "ratelimit" (default 4): owned by the gateway -----------------
 RATELIMIT_PREFIX = "ratelimit:"
 """ratelimit:<access_key> — sorted set of the requests counted in the rolling
-window (member = unique request tag, score = arrival time in ms); expires one
-window after the last request."""
+window (member = unique request tag, score = arrival time in ms; a gateway's
+lease of several slots adds `<tag>:1` .. `<tag>:n` at once, see
+`sorna_server.gateway.ratelimit`); expires one window after the last request."""
 
 
 def ratelimit(access_key: str) -> str:
