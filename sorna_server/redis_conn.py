@@ -19,6 +19,7 @@ from typing import AsyncIterator
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from .children import die_with_parent
 from .config import SornaConfig, mask_url
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class EmbeddedRedis:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

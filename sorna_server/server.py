@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -34,6 +33,7 @@ from typing import Any
 import sqlalchemy as sa
 from aiohttp import web
 
+from .children import die_with_parent
 from .config import SornaConfig
 from .db.engine import open_database
 from .db.models import keypairs
@@ -132,13 +132,6 @@ async def prepare_standalone(config: SornaConfig) -> dict[str, Any]:
             await populate(engine, EXAMPLE_FIXTURE)
             log.info("loaded the %s fixture", EXAMPLE_FIXTURE)
     return example
-
-
-def _set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
-    """Linux: get `sig` when the parent dies (best effort elsewhere)."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 class SignalCatcher:
@@ -297,7 +290,7 @@ class GatewayServer:
         try:
             self.agent = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                start_new_session=True, preexec_fn=_set_parent_death_signal)
+                start_new_session=True, preexec_fn=die_with_parent)
         finally:
             log_file.close()
         log.info("started the reference agent (pid %d) on %s", self.agent.pid,
@@ -361,7 +354,7 @@ async def _quiet(coro: Any, default: Any) -> Any:
 def _worker_main(values: dict[str, Any], index: int, standalone: bool, conn: Any) -> None:
     """Entry point of a worker process (spawned)."""
     os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only; it tells us
-    _set_parent_death_signal()
+    die_with_parent()
     logging.basicConfig(level=values.get("log_level", "INFO"),
                         format=f"%(asctime)s %(levelname)s [w{index}] %(name)s: %(message)s")
     config = SornaConfig.model_construct(**values)

@@ -239,3 +239,20 @@ def test_https_and_registry_cli_beside_a_standalone_server(serve, tmp_path):
 def _write_pem(path: Path, blobs: list[Any]) -> Path:
     path.write_bytes(b"".join(blob.bytes() for blob in blobs))
     return path
+
+
+def test_children_end_when_the_server_is_killed(serve):
+    """SIGKILL gives no chance to clean up: the embedded Redis and the local agent
+    (and so its kernels) still end, because they die with their parent."""
+    psutil = pytest.importorskip("psutil")
+    server, _ = serve("--standalone", name="killed")
+    server.wait_ready()
+    children = psutil.Process(server.proc.pid).children(recursive=True)
+    names = " ".join(" ".join(child.cmdline()) for child in children)
+    assert "redis-server" in names and "agent" in names, names
+    server.proc.kill()
+    server.proc.wait(10)
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    for proc in alive:  # leave nothing behind even when the test fails
+        proc.kill()
+    assert not alive, [proc.name() for proc in alive]
