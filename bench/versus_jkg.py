@@ -238,13 +238,13 @@ async def measure(target: Any, args: argparse.Namespace) -> dict[str, float]:
     return figures
 
 
-def start_sorna(workdir: Path, port: int) -> subprocess.Popen:
+def start_sorna(workdir: Path, port: int, workers: int) -> subprocess.Popen:
     env = {**os.environ, "SORNA_LOG_LEVEL": "WARNING"}
     return subprocess.Popen(
         [sys.executable, "-m", "sorna_cli", "--data-dir", str(workdir / "sorna-data"), "serve",
          "--standalone", "--host", "127.0.0.1", "--port", str(port),
          "--manager-port", str(free_port()), "--events-port", str(free_port()),
-         "--agent-port", str(free_port())],
+         "--agent-port", str(free_port()), "--workers", str(workers)],
         cwd=workdir, env=env, stdout=subprocess.DEVNULL,
         stderr=(workdir / "sorna.log").open("wb"), start_new_session=True)
 
@@ -285,7 +285,7 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="sorna-vs-") as tmp:
         workdir = Path(tmp)
         port = free_port()
-        proc = start_sorna(workdir, port)
+        proc = start_sorna(workdir, port, args.workers)
         try:
             await wait_http(f"http://127.0.0.1:{port}/v2")
             results["Sorna"] = await measure(Sorna(port, *bench_keypair(workdir)), args)
@@ -316,6 +316,7 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jkg-bin", help="path of jupyter-kernelgateway (separate venv)")
+    parser.add_argument("--workers", type=int, default=1, help="sorna serve --workers")
     parser.add_argument("--starts", type=int, default=20)
     parser.add_argument("--executes", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=5.0)
