@@ -43,6 +43,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0,
+                   interval: float = 0.05) -> Any:
+    """Poll an async predicate until it returns something truthy (or fail the test)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
 @pytest.fixture
 def free_port() -> Callable[[], int]:
     """Call it to get a TCP port on 127.0.0.1 that is free right now."""
@@ -138,7 +151,8 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 class AgentProcess:
     """A reference agent (`sorna agent`) running as a real child process."""
 
-    def __init__(self, proc: "subprocess.Popen[bytes]", addr: str, instance_id: str, log_path: Path):
+    def __init__(self, proc: "subprocess.Popen[bytes]", addr: str, instance_id: str,
+                 log_path: Path):
         self.proc = proc
         self.addr = addr
         self.instance_id = instance_id

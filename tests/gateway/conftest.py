@@ -13,11 +13,10 @@ import hashlib
 import hmac
 import json
 import os
-import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import pytest
 import redis as sync_redis
@@ -43,16 +42,7 @@ PROBLEM = "https://api.sorna.io/probs/"
 PG_URL_ENV = os.environ.get("SORNA_TEST_DB_URL")
 
 
-async def wait_for(predicate: Callable[[], Awaitable[Any]], timeout: float = 15.0,
-                   interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
+from ..conftest import wait_for  # noqa: E402,F401  (re-exported for the gateway tests)
 
 
 def client_signature(method: str, path: str, date: str, host: str, content_type: str,

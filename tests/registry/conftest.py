@@ -6,11 +6,10 @@ protocol frames (`agent_protocol.encode_event`) as a simulated agent would.
 """
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import pytest
 import sqlalchemy as sa
@@ -21,22 +20,11 @@ from sorna_server import agent_protocol as proto
 from sorna_server.agent_client import AgentRPCClient
 from sorna_server.config import SornaConfig
 from sorna_server.db.engine import create_engine
-from sorna_server.db.models import keypairs, kernels, metadata, usage
+from sorna_server.db.models import kernels, keypairs, metadata, usage
 from sorna_server.redis_conn import RedisClients
 from sorna_server.registry import KernelRecord, Registry
 
-
-async def wait_for(predicate: Callable[[], Awaitable[Any]], timeout: float = 10.0,
-                   interval: float = 0.05) -> Any:
-    """Poll an async predicate until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
+from ..conftest import wait_for  # noqa: F401  (re-exported for the registry tests)
 
 
 def info(addr: str = "tcp://127.0.0.1:1", *, max_kernels: int = 10,
@@ -108,7 +96,8 @@ class RegistryEnv:
 
     async def usage_rows(self, kernel_id: str) -> list:
         async with self.engine.connect() as conn:
-            return (await conn.execute(sa.select(usage).where(usage.c.kernel_id == kernel_id))).all()
+            query = sa.select(usage).where(usage.c.kernel_id == kernel_id)
+            return (await conn.execute(query)).all()
 
     async def slots_used(self, access_key: str) -> int:
         async with self.engine.connect() as conn:
