@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import pytest
 import redis as sync_redis
@@ -112,13 +112,18 @@ def redis_url(request: pytest.FixtureRequest) -> str:
     """A Redis URL whose test databases are empty."""
     url = request.getfixturevalue("embedded_redis_url") if request.param == "embedded" \
         else REAL_REDIS_URL
-    for db in TEST_REDIS_DBS.values():
+    flush_redis_dbs(url, TEST_REDIS_DBS.values())
+    return url
+
+
+def flush_redis_dbs(url: str, dbs: Iterable[int]) -> None:
+    """Empty the given database numbers of the Redis at `url`."""
+    for db in dbs:
         client = sync_redis.Redis.from_url(url, db=db)
         try:
             client.flushdb()
         finally:
             client.close()
-    return url
 
 
 @pytest.fixture
@@ -162,14 +167,23 @@ class AgentProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, sig, timeout)
         return self.proc.returncode
+
+
+def stop_process(proc: "subprocess.Popen[bytes]", sig: int = signal.SIGTERM,
+                 timeout: float = 20.0) -> bool:
+    """Send `sig` and wait; kill after `timeout`.  True if it ended by itself in time."""
+    if proc.poll() is not None:
+        return True
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return False
 
 
 def _ping_agent(addr: str, timeout: float) -> bool:

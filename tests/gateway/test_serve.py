@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import requests
 
+from ..conftest import stop_process
 from .conftest import EXAMPLE_ACCESS, EXAMPLE_SECRET
 
 
@@ -46,14 +47,8 @@ class ServeProcess:
         raise AssertionError(f"serve did not get ready:\n{self.log()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"serve did not stop within {timeout} s:\n{self.log()}")
+        if not stop_process(self.proc, sig, timeout):
+            raise AssertionError(f"serve did not stop within {timeout} s:\n{self.log()}")
         return self.proc.returncode
 
 
@@ -75,13 +70,7 @@ def serve(tmp_path, free_port):
 
     yield start
     for process in started:  # a graceful stop also stops the embedded Redis and the agent
-        if process.proc.poll() is None:
-            process.proc.terminate()
-            try:
-                process.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                process.proc.kill()
-                process.proc.wait()
+        stop_process(process.proc, signal.SIGTERM, 30)
 
 
 def client_env(endpoint: str) -> dict[str, str]:

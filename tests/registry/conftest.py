@@ -24,7 +24,7 @@ from sorna_server.db.models import kernels, keypairs, metadata, usage
 from sorna_server.redis_conn import RedisClients
 from sorna_server.registry import KernelRecord, Registry
 
-from ..conftest import wait_for  # noqa: F401  (re-exported for the registry tests)
+from ..conftest import flush_redis_dbs, wait_for  # noqa: F401  (wait_for: re-exported)
 
 
 def info(addr: str = "tcp://127.0.0.1:1", *, max_kernels: int = 10,
@@ -137,14 +137,7 @@ REGISTRY_REDIS_DBS = {"redis_db_kernels": 7, "redis_db_instances": 8,
 
 @pytest.fixture
 def registry_config(make_config, db_url, redis_url) -> Callable[..., SornaConfig]:
-    import redis as sync_redis
-
-    for db in REGISTRY_REDIS_DBS.values():
-        client = sync_redis.Redis.from_url(redis_url, db=db)
-        try:
-            client.flushdb()
-        finally:
-            client.close()
+    flush_redis_dbs(redis_url, REGISTRY_REDIS_DBS.values())
 
     def build(**overrides: Any) -> SornaConfig:
         values = {"db_url": db_url, "redis_url": redis_url, "heartbeat_interval": 0.5,
