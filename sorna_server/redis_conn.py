@@ -96,7 +96,8 @@ class EmbeddedRedis:
             if self.process.returncode is not None:
                 break
             if self.socket_path.exists() and await _answers(self.url):
-                log.info("embedded Redis started on %s (pid %d)", self.socket_path, self.process.pid)
+                log.info("embedded Redis started on %s (pid %d)", self.socket_path,
+                         self.process.pid)
                 return self.url
             await asyncio.sleep(0.02)
         await self.stop()
@@ -163,6 +164,14 @@ async def open_redis(config: SornaConfig) -> AsyncIterator[RedisClients]:
         await clients.close()
         if embedded is not None:
             await embedded.stop()
+
+
+async def hgetall_many(client: aioredis.Redis, names: list[str]) -> list[dict[str, str]]:
+    """HGETALL of every key in `names` in one round trip (an empty dict for a missing key)."""
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.hgetall(name)
+    return await pipe.execute()
 
 
 def redis_url_for_display(config: SornaConfig) -> str:

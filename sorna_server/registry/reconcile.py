@@ -32,7 +32,8 @@ import zmq
 from .. import agent_protocol as proto
 from .. import redis_keys as keys
 from ..agent_client import AgentError
-from ..db.models import LIVE_STATUSES, KernelStatus, keypairs, kernels
+from ..db.models import LIVE_STATUSES, KernelStatus, kernels, keypairs
+from ..redis_conn import hgetall_many
 from . import scripts
 from .intake import REASON_ABANDONED, _age
 
@@ -59,10 +60,7 @@ async def _scan_hashes(client: Any, prefix: str) -> dict[str, dict[str, str]]:
     names = [name for name in names if ":" not in name[len(prefix):]]
     if not names:
         return {}
-    pipe = client.pipeline(transaction=False)
-    for name in names:
-        pipe.hgetall(name)
-    raws = await pipe.execute()
+    raws = await hgetall_many(client, names)
     return {name[len(prefix):]: raw for name, raw in zip(names, raws) if raw}
 
 

@@ -31,7 +31,7 @@ from ..agent_client import AgentRPCClient
 from ..config import SornaConfig
 from ..db import quota
 from ..db.models import FINAL_STATUSES, LIVE_STATUSES, KernelStatus, kernels, usage
-from ..redis_conn import RedisClients
+from ..redis_conn import RedisClients, hgetall_many
 from . import scripts
 from .records import Instance, InstanceNotAvailable, KernelRecord, RegistrationFailed
 
@@ -227,10 +227,7 @@ class Registry:
         ids = list(kernel_ids)
         if not ids:
             return []
-        pipe = self.redis.kernels.pipeline(transaction=False)
-        for kernel_id in ids:
-            pipe.hgetall(keys.kernel(kernel_id))
-        raws = await pipe.execute()
+        raws = await hgetall_many(self.redis.kernels, [keys.kernel(kid) for kid in ids])
         return [KernelRecord.from_hash(kid, raw) for kid, raw in zip(ids, raws) if raw]
 
     async def kernel_extra(self, kernel_id: str) -> dict[str, str]:
@@ -370,10 +367,7 @@ class Registry:
         ids = sorted(await self.redis.instances.smembers(keys.INSTANCES))
         if not ids:
             return []
-        pipe = self.redis.instances.pipeline(transaction=False)
-        for instance_id in ids:
-            pipe.hgetall(keys.instance(instance_id))
-        raws = await pipe.execute()
+        raws = await hgetall_many(self.redis.instances, [keys.instance(iid) for iid in ids])
         return [Instance.from_hash(iid, raw) for iid, raw in zip(ids, raws) if raw]
 
     async def instance_kernel_ids(self, instance_id: str) -> set[str]:
