@@ -31,7 +31,6 @@ import hashlib
 import hmac
 import json
 import os
-import re
 import signal
 import socket
 import statistics
@@ -40,9 +39,9 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Awaitable, Callable
 
 import aiohttp
 
@@ -59,7 +58,7 @@ def free_port() -> int:
 
 
 def sign(method: str, path: str, host: str, body: bytes, access: str, secret: str) -> dict:
-    date = datetime.now(timezone.utc)
+    date = datetime.now(UTC)
     date_text = date.isoformat()
     text = "\n".join((method, path, date_text, f"host:{host}", "content-type:application/json",
                       f"x-sorna-version:{VERSION}", hashlib.sha256(body).hexdigest()))

@@ -233,6 +233,7 @@ async def schedule_latency(registry: Registry, samples: int) -> dict[str, float]
 
 async def prepare_database(engine: Any, kernels_total: int) -> None:
     import sqlalchemy as sa
+
     from sorna_server.db.models import keypairs, metadata
 
     async with engine.begin() as conn:
@@ -247,6 +248,7 @@ async def prepare_database(engine: Any, kernels_total: int) -> None:
 async def register_kernels(registry: Registry, engine: Any, agents: Agents, total: int) -> None:
     """10 kernels per agent: RUNNING DB rows (one bulk insert) + Redis records."""
     import sqlalchemy as sa
+
     from sorna_server.db.models import kernels, keypairs
 
     async with engine.begin() as conn:
@@ -357,7 +359,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "events": int(end["handled"] - start["handled"]),
             "seconds": round(elapsed, 2),
             "events_per_s": round((end["handled"] - start["handled"]) / elapsed, 0),
-            "gateway_cpu_percent_of_one_core": round(100 * (end["cpu"] - start["cpu"]) / elapsed, 1),
+            "gateway_cpu_percent_of_one_core":
+                round(100 * (end["cpu"] - start["cpu"]) / elapsed, 1),
             "all_received": end["received"] >= target,
             "sender_seconds": round(send_seconds, 2),
         }

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,7 @@ class Sorna:
         self.session: aiohttp.ClientSession | None = None
 
     def _headers(self, method: str, path: str, body: bytes, content_type: str) -> dict[str, str]:
-        raw_date = datetime.now(timezone.utc).isoformat()
+        raw_date = datetime.now(UTC).isoformat()
         signature = sign_request(self.secret_key, method=method, path_qs=path, raw_date=raw_date,
                                  host=self.host, content_type=content_type, version=VERSION,
                                  body=body)
@@ -137,7 +137,7 @@ class JupyterKernelGateway:
         await ws.send_json({
             "header": {"msg_id": msg_id, "username": "bench", "session": kernel_id,
                        "msg_type": "execute_request", "version": "5.3",
-                       "date": datetime.now(timezone.utc).isoformat()},
+                       "date": datetime.now(UTC).isoformat()},
             "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
             "content": {"code": code, "silent": False, "store_history": False,
                         "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},

@@ -15,7 +15,7 @@ class AgentStartError(Exception):
     """The agent cannot start: bad address, port in use, no usable language."""
 
 
-def run(config: "SornaConfig") -> None:
+def run(config: SornaConfig) -> None:
     import asyncio
 
     from .server import serve

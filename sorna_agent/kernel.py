@@ -40,7 +40,7 @@ class Kernel:
     runner: RunnerProcess
     created_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
-    pty: "PtySession | None" = None
+    pty: PtySession | None = None
     usage: KernelUsage = field(default_factory=KernelUsage)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     available: asyncio.Event = field(default_factory=asyncio.Event)

@@ -10,8 +10,9 @@ import signal
 import socket
 import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .languages import Language
 from .sandbox import Isolation, kill_uid
@@ -32,7 +33,7 @@ class RunnerDied(Exception):
 class _Channel(asyncio.Protocol):
     """Frames from the runner: parsed in data_received, handed to one waiter."""
 
-    def __init__(self, owner: "RunnerProcess"):
+    def __init__(self, owner: RunnerProcess):
         self.owner = owner
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
@@ -86,7 +87,7 @@ class RunnerProcess:
         self.seq = 0                          # number of the last request sent
         self.alive = False
         self.killed = False
-        self.on_exit: Callable[["RunnerProcess"], None] | None = None
+        self.on_exit: Callable[[RunnerProcess], None] | None = None
         self._gone: asyncio.Event | None = None
 
     def spec(self, fd: int, isolation: Isolation, rlimits: dict[str, int],
@@ -192,7 +193,7 @@ class RunnerProcess:
         data = json.dumps(msg, ensure_ascii=False).encode("utf-8", "surrogateescape")
         self.transport.write(HEADER.pack(len(data)) + data)
 
-    def receive(self) -> "asyncio.Future[dict[str, Any]]":
+    def receive(self) -> asyncio.Future[dict[str, Any]]:
         """A future for the next message (RunnerDied once the process is gone)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -217,7 +218,7 @@ class RunnerProcess:
             except OSError:
                 pass
 
-    async def kill(self) -> None:
+    async def kill(self) -> None:  # noqa: C901  (one guarded step per way a runner lives)
         """Kill the kernel and everything it started; wait until it is gone."""
         self.killed = True
         for pid in (self.init_pid, self.pid):

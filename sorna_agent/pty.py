@@ -33,7 +33,7 @@ DEFAULT_ROWS, DEFAULT_COLS = 24, 80
 
 
 class PtySession:
-    def __init__(self, ctx: zmq.asyncio.Context, bind_host: str, kernel: "Kernel"):
+    def __init__(self, ctx: zmq.asyncio.Context, bind_host: str, kernel: Kernel):
         self.ctx = ctx
         self.bind_host = bind_host
         self.kernel = kernel

@@ -27,7 +27,7 @@ class OperatorError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = EXIT_FAILURE):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click declares it a ClassVar
 
 
 @contextmanager

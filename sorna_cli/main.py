@@ -66,7 +66,7 @@ class SornaGroup(LazyGroup):
     `--debug`): 1 = the operation failed (e.g. database unreachable), 2 = bad input.
     """
 
-    def main(self, args: Any = None, prog_name: str | None = None,  # type: ignore[override]
+    def main(self, args: Any = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         debug = _debug_requested(argv)

@@ -6,7 +6,8 @@ Redis URL, or the embedded Redis socket in the data directory).
 from __future__ import annotations
 
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import click
 
@@ -61,9 +62,10 @@ def _stats_text(stats: dict[str, Any]) -> str:
     return f"cpu {cpu / 1000:.1f}s, mem {mem:.0f} MiB"
 
 
-def _kernel_rows(records: list[KernelRecord], now: float, *, with_instance: bool = True):
+def _kernel_rows(records: list[KernelRecord], now: float, *,
+                 with_instance: bool = True) -> Iterator[list[Any]]:
     for r in records:
-        row = [r.id]
+        row: list[Any] = [r.id]
         if with_instance:
             row.append(r.instance_id)
         yield row + [r.access_key, r.lang, _age(r.created_at, now), _age(r.last_used, now),

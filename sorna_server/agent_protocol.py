@@ -225,6 +225,8 @@ def encode_error(req_id: int | str | None, err_type: str, message: str, **detail
 def decode_reply(frame: bytes) -> Reply:
     msg = unpack(frame)
     req_id = msg.get("id")
+    if not isinstance(req_id, (int, str)) or isinstance(req_id, bool):
+        raise ProtocolError("reply without an integer or string 'id'")
     ok = msg.get("ok")
     if not isinstance(ok, bool):
         raise ProtocolError("reply without a boolean 'ok'")
@@ -256,6 +258,7 @@ def decode_event(frame: bytes) -> dict[str, Any]:
         raise ProtocolError("event without an instance_id")
     if not isinstance(msg.get("ts"), (int, float)) or isinstance(msg.get("ts"), bool):
         raise ProtocolError("event without a numeric ts")
+    assert isinstance(event_type, str)  # spec is None otherwise
     check_fields(msg, spec, event_type)
     if "info" in spec:
         check_fields(msg["info"], INFO_FIELDS, f"{event_type}.info")

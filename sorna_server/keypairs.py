@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import re
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -64,7 +64,7 @@ def _as_dict(row: sa.Row) -> dict[str, Any]:
     for name, value in values.items():
         # SQLite hands back naive date-times; they were stored in UTC.
         if isinstance(value, datetime) and value.tzinfo is None:
-            values[name] = value.replace(tzinfo=timezone.utc)
+            values[name] = value.replace(tzinfo=UTC)
     return values
 
 

@@ -11,10 +11,10 @@ import asyncio
 import importlib.util
 import logging
 import os
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -126,7 +126,7 @@ class RedisClients:
     ratelimit: aioredis.Redis
 
     @classmethod
-    def connect(cls, url: str, config: SornaConfig) -> "RedisClients":
+    def connect(cls, url: str, config: SornaConfig) -> RedisClients:
         def client(db: int) -> aioredis.Redis:
             return aioredis.Redis.from_url(
                 url, db=db, decode_responses=True, socket_connect_timeout=2,

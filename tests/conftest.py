@@ -12,68 +12,35 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import pytest
-import redis as sync_redis
-import zmq
 from sqlalchemy.engine import make_url
 
 from sorna_server.config import SornaConfig, load_config
 from sorna_server.redis_conn import EmbeddedRedis
-
-PG_URL = os.environ.get("SORNA_TEST_DB_URL")
-REAL_REDIS_URL = os.environ.get("SORNA_TEST_REDIS_URL")
-# Database numbers the tests use, away from the defaults so a shared server
-# used by a developer is not clobbered.
-TEST_REDIS_DBS = {"redis_db_kernels": 11, "redis_db_instances": 12,
-                  "redis_db_sessions": 13, "redis_db_ratelimit": 14}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0,
-                   interval: float = 0.05) -> Any:
-    """Poll an async predicate until it returns something truthy (or fail the test)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
+from tests import helpers
+from tests.helpers import (
+    PG_URL,
+    REAL_REDIS_URL,
+    TEST_REDIS_DBS,
+    AgentProcess,
+    flush_redis_dbs,
+    pg_admin,
+    ping_agent,
+)
 
 
 @pytest.fixture
 def free_port() -> Callable[[], int]:
     """Call it to get a TCP port on 127.0.0.1 that is free right now."""
-    return _free_port
-
-
-def _pg_admin(statement: str) -> None:
-    async def run() -> None:
-        import asyncpg
-        url = make_url(PG_URL)
-        conn = await asyncpg.connect(host=url.host or "127.0.0.1", port=url.port or 5432,
-                                     user=url.username or "postgres", password=url.password,
-                                     database=url.database or "postgres")
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-    asyncio.run(run())
+    return helpers.free_port
 
 
 DB_BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
@@ -85,8 +52,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'test.db'}"
     name = f"sorna_test_{uuid.uuid4().hex[:12]}"
-    _pg_admin(f'CREATE DATABASE "{name}"')
-    request.addfinalizer(lambda: _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    pg_admin(f'CREATE DATABASE "{name}"')
+    request.addfinalizer(lambda: pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     return make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
 
 
@@ -116,16 +83,6 @@ def redis_url(request: pytest.FixtureRequest) -> str:
     return url
 
 
-def flush_redis_dbs(url: str, dbs: Iterable[int]) -> None:
-    """Empty the given database numbers of the Redis at `url`."""
-    for db in dbs:
-        client = sync_redis.Redis.from_url(url, db=db)
-        try:
-            client.flushdb()
-        finally:
-            client.close()
-
-
 @pytest.fixture
 def make_config(tmp_path: Path) -> Callable[..., SornaConfig]:
     """Build a config for this test: private data dir, free ports, overrides win."""
@@ -133,11 +90,11 @@ def make_config(tmp_path: Path) -> Callable[..., SornaConfig]:
         values: dict[str, Any] = {
             "data_dir": str(tmp_path / "data"),
             "service_ip": "127.0.0.1",
-            "service_port": _free_port(),
-            "manager_port": _free_port(),
+            "service_port": helpers.free_port(),
+            "manager_port": helpers.free_port(),
             "events_ip": "127.0.0.1",
-            "events_port": _free_port(),
-            "agent_port": _free_port(),
+            "events_port": helpers.free_port(),
+            "agent_port": helpers.free_port(),
             **TEST_REDIS_DBS,
         }
         values.update(overrides)
@@ -153,54 +110,6 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-class AgentProcess:
-    """A reference agent (`sorna agent`) running as a real child process."""
-
-    def __init__(self, proc: "subprocess.Popen[bytes]", addr: str, instance_id: str,
-                 log_path: Path):
-        self.proc = proc
-        self.addr = addr
-        self.instance_id = instance_id
-        self.log_path = log_path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
-        stop_process(self.proc, sig, timeout)
-        return self.proc.returncode
-
-
-def stop_process(proc: "subprocess.Popen[bytes]", sig: int = signal.SIGTERM,
-                 timeout: float = 20.0) -> bool:
-    """Send `sig` and wait; kill after `timeout`.  True if it ended by itself in time."""
-    if proc.poll() is not None:
-        return True
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-        return True
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return False
-
-
-def _ping_agent(addr: str, timeout: float) -> bool:
-    from sorna_server import agent_protocol as proto
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(addr)
-    try:
-        sock.send(proto.encode_request(1, "ping"))
-        if sock.poll(int(timeout * 1000)):
-            return proto.decode_reply(sock.recv()).ok
-        return False
-    finally:
-        sock.close(0)
-
-
 @pytest.fixture
 def agent_factory(tmp_path: Path) -> Callable[..., AgentProcess]:
     """Start reference agents: `agent_factory(events_port=..., instance_id=..., **flags)`.
@@ -213,7 +122,7 @@ def agent_factory(tmp_path: Path) -> Callable[..., AgentProcess]:
     def start(events_port: int | None = None, *, instance_id: str | None = None,
               managers: list[str] | None = None, env: dict[str, str] | None = None,
               wait: bool = True, **flags: Any) -> AgentProcess:
-        port = _free_port()
+        port = helpers.free_port()
         addr = f"tcp://127.0.0.1:{port}"
         instance_id = instance_id or f"i-test-{uuid.uuid4().hex[:8]}"
         managers = managers or ([f"tcp://127.0.0.1:{events_port}"] if events_port else [])
@@ -235,7 +144,7 @@ def agent_factory(tmp_path: Path) -> Callable[..., AgentProcess]:
             while time.monotonic() < deadline:
                 if proc.poll() is not None:
                     raise RuntimeError(f"agent exited with {proc.returncode}:\n{agent.log()}")
-                if _ping_agent(addr, 0.5):
+                if ping_agent(addr, 0.5):
                     break
             else:
                 raise RuntimeError(f"agent did not answer ping:\n{agent.log()}")

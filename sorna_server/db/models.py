@@ -14,7 +14,7 @@ metadata = sa.MetaData(naming_convention={
 })
 
 
-class KernelStatus(str, enum.Enum):
+class KernelStatus(enum.StrEnum):
     PREPARING = "PREPARING"
     RUNNING = "RUNNING"
     TERMINATED = "TERMINATED"

@@ -11,8 +11,8 @@ from urllib.parse import unquote
 from aiohttp import BodyPartReader, web
 
 from . import keys
-from .keys import ACCESS_KEY
 from .errors import InvalidAPIParameters, RequestTooLarge
+from .keys import ACCESS_KEY
 from .validation import CreateKernel, Execute, json_body, parse, sanitize_filename
 
 MAX_UPLOAD_FILES = 32

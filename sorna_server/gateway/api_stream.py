@@ -28,9 +28,9 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from ..agent_client import AgentError
 from ..registry import KernelRecord
 from . import keys
-from .keys import ACCESS_KEY
 from .errors import InvalidAPIParameters, Problem, as_problem
 from .kernels import KernelService
+from .keys import ACCESS_KEY
 
 log = logging.getLogger(__name__)
 

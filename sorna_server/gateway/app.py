@@ -117,7 +117,8 @@ async def _legacy(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_websockets(app: web.Application) -> None:
-    for ws in list(app[keys.WEBSOCKETS]):
+    open_sockets = app[keys.WEBSOCKETS]
+    for ws in list(open_sockets):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
 
 

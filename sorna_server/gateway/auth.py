@@ -22,7 +22,7 @@ import hashlib
 import hmac
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,8 +31,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..db.models import keypairs
 from . import keys
-from .keys import ACCESS_KEY, KEYPAIR
 from .errors import AuthorizationFailed, InvalidAuthParameters
+from .keys import ACCESS_KEY, KEYPAIR
 from .versioning import VERSION_HEADER, effective_method
 
 MAX_CLOCK_SKEW = timedelta(minutes=15)
@@ -99,12 +99,12 @@ def parse_date(raw: str) -> datetime:
             raise InvalidAuthParameters("The Date header is not an ISO 8601 or RFC 1123 date.") \
                 from None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
     return parsed
 
 
 def check_date(date: datetime, now: datetime | None = None) -> None:
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     if abs(now - date) > MAX_CLOCK_SKEW:
         raise InvalidAuthParameters(
             "The request date is more than 15 minutes away from the server's clock.")

@@ -100,7 +100,8 @@ class KernelCreationFailed(Problem):
 
 
 class KernelExecutionFailed(Problem):
-    status, name, title = 500, "kernel-execution-failed", "Executing user code in the kernel has failed."
+    status, name = 500, "kernel-execution-failed"
+    title = "Executing user code in the kernel has failed."
 
 
 class KernelRestartFailed(Problem):

@@ -127,9 +127,10 @@ class KernelService:
                 return record
         else:
             await self.queries.landed(kernel_id)
-        record = await self.registry.get_kernel(kernel_id) if _plausible_id(kernel_id) else None
-        if record is None or record.access_key != access_key:
+        found = await self.registry.get_kernel(kernel_id) if _plausible_id(kernel_id) else None
+        if found is None or found.access_key != access_key:
             raise errors.KernelNotFound(f"No kernel {kernel_id!r} for this access key.")
+        record = found
         if len(self._records) >= RECORD_CACHE_SIZE:
             self._records.clear()
         self._records[kernel_id] = (time.monotonic() + RECORD_CACHE_TTL, record)
@@ -186,9 +187,10 @@ class KernelService:
                     "Another request is still creating the kernel for this session.")
             await asyncio.sleep(SESSION_WAIT_POLL)
 
-    async def _create(self, access_key: str, lang: str, token: str | None,
-                      limits: dict[str, Any] | None, mounts: list[str] | None,
-                      kernel_id: str) -> KernelRecord:
+    async def _create(  # noqa: C901  (issue 10 moves this into the kernel lifecycle module)
+            self, access_key: str, lang: str, token: str | None,
+            limits: dict[str, Any] | None, mounts: list[str] | None,
+            kernel_id: str) -> KernelRecord:
         try:
             async with self.db.begin() as conn:
                 if not await quota.take_slot(conn, access_key):

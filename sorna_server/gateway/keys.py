@@ -18,24 +18,24 @@ if TYPE_CHECKING:
     from .ratelimit import RateLimiter, RateLimitState
     from .usage import KeypairActivity
 
-CONFIG: web.AppKey["SornaConfig"] = web.AppKey("config")
+CONFIG: web.AppKey[SornaConfig] = web.AppKey("config")
 PRIMARY: web.AppKey[bool] = web.AppKey("primary", bool)
 """True in the one process that binds the event intake and the legacy port."""
-DB: web.AppKey["AsyncEngine"] = web.AppKey("db")
-REDIS: web.AppKey["RedisClients"] = web.AppKey("redis")
-RPC: web.AppKey["AgentRPCClient"] = web.AppKey("rpc")
-REGISTRY: web.AppKey["Registry"] = web.AppKey("registry")
-KEYPAIRS: web.AppKey["KeypairCache"] = web.AppKey("keypairs")
-RATE_LIMITER: web.AppKey["RateLimiter"] = web.AppKey("rate_limiter")
-ACTIVITY: web.AppKey["KeypairActivity"] = web.AppKey("activity")
-KERNELS: web.AppKey["KernelService"] = web.AppKey("kernels")
-WEBSOCKETS: web.AppKey["weakref.WeakSet[web.WebSocketResponse]"] = web.AppKey("websockets")
+DB: web.AppKey[AsyncEngine] = web.AppKey("db")
+REDIS: web.AppKey[RedisClients] = web.AppKey("redis")
+RPC: web.AppKey[AgentRPCClient] = web.AppKey("rpc")
+REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
+KEYPAIRS: web.AppKey[KeypairCache] = web.AppKey("keypairs")
+RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
+ACTIVITY: web.AppKey[KeypairActivity] = web.AppKey("activity")
+KERNELS: web.AppKey[KernelService] = web.AppKey("kernels")
+WEBSOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")
 
 # --- per-request values (set by the middlewares) -----------------------------
 API_MAJOR: web.RequestKey[str] = web.RequestKey("api_major", str)
 API_REVISION: web.RequestKey[str] = web.RequestKey("api_revision", str)
 METHOD: web.RequestKey[str] = web.RequestKey("method", str)
 """The effective method (after X-Method-Override)."""
-KEYPAIR: web.RequestKey["Keypair"] = web.RequestKey("keypair")
+KEYPAIR: web.RequestKey[Keypair] = web.RequestKey("keypair")
 ACCESS_KEY: web.RequestKey[str] = web.RequestKey("access_key", str)
-RATE_LIMIT: web.RequestKey["RateLimitState"] = web.RequestKey("rate_limit")
+RATE_LIMIT: web.RequestKey[RateLimitState] = web.RequestKey("rate_limit")

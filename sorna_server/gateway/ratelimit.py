@@ -9,17 +9,17 @@ over-admit.  Concurrent requests share one script call (each still gets its
 own atomic count).
 
 Leases, for keys with large limits: a busy key may take several slots in one
-call (at most 0.1% of its limit and `MAX_LEASE`, growing only while leases
-get used up) and admit that many requests locally without asking Redis.  The
-slots are counted in Redis *before* they are used, so several gateways still
-never admit more than the limit; slots not used within `LEASE_TTL` are given
-back (removed from the set) at the key's next request or at shutdown.  Consequences, per gateway: the reported
-remaining count ignores other gateways' requests for up to `LEASE_TTL`; a
-gateway that dies holding a lease leaves at most `MAX_LEASE` unused slots
-counted until they leave the window; and when Redis fails, a key with a
-lease may go on for at most its leased requests (within `LEASE_TTL`) before
-its requests answer 503.  Keys with a limit below 2,000 never lease: every
-request is counted in Redis as it arrives.
+call (at most 0.1% of its limit and `MAX_LEASE`, growing only while leases get
+used up) and admit that many requests locally without asking Redis. The slots
+are counted in Redis *before* they are used, so several gateways still never
+admit more than the limit; slots not used within `LEASE_TTL` are given back
+(removed from the set) at the key's next request or at shutdown. Consequences,
+per gateway: the reported remaining count ignores other gateways' requests for
+up to `LEASE_TTL`; a gateway that dies holding a lease leaves at most
+`MAX_LEASE` unused slots counted until they leave the window; and when Redis
+fails, a key with a lease may go on for at most its leased requests (within
+`LEASE_TTL`) before its requests answer 503. Keys with a limit below 2,000
+never lease: every request is counted in Redis as it arrives.
 
 Every response carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and
 `X-RateLimit-Reset` (milliseconds until one more request is allowed, or the
@@ -42,8 +42,8 @@ from redis.exceptions import RedisError
 
 from .. import redis_keys
 from . import keys
-from .keys import KEYPAIR, RATE_LIMIT
 from .errors import RateLimitExceeded
+from .keys import KEYPAIR, RATE_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class RateLimiter:
 
     async def _send(self, batch: list[tuple[str, int, str, int,
                                             asyncio.Future[tuple[int, int, int]]]]) -> None:
-        args: list[object] = [int(time.time() * 1000), self.window_ms]
+        args: list[str | int] = [int(time.time() * 1000), self.window_ms]
         for _, limit, member, n, _ in batch:
             args += [limit, member, n]
         try:
@@ -242,7 +242,7 @@ class RateLimiter:
             if not isinstance(exc, Exception):
                 raise
         else:
-            for (*_, future), (granted, count, reset) in zip(batch, replies):
+            for (*_, future), (granted, count, reset) in zip(batch, replies, strict=True):
                 if not future.done():
                     future.set_result((int(granted), int(count), int(reset)))
         finally:

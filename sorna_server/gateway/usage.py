@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -29,7 +29,7 @@ class KeypairActivity:
 
     def note(self, access_key: str) -> None:
         self._counts[access_key] = self._counts.get(access_key, 0) + 1
-        self._last_used[access_key] = datetime.now(timezone.utc)
+        self._last_used[access_key] = datetime.now(UTC)
 
     @property
     def pending(self) -> int:

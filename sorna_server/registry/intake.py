@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -40,7 +41,7 @@ REASON_ABANDONED = "creation-abandoned"
 
 
 class EventIntake:
-    def __init__(self, registry: "Registry"):
+    def __init__(self, registry: Registry):
         self.registry = registry
         self.config = registry.config
         self.ctx = zmq.asyncio.Context.instance()
@@ -165,7 +166,7 @@ class EventIntake:
                     await scripts.heartbeat.load(client)
                     continue
                 break
-        for event, result in zip(events, results):
+        for event, result in zip(events, results, strict=True):
             if isinstance(result, Exception):
                 log.warning("heartbeat of %s not recorded: %s", event["instance_id"], result)
                 continue
@@ -296,10 +297,10 @@ class EventIntake:
 
 
 def _age(created_at: Any) -> float:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     if created_at is None:
         return 0.0
     if created_at.tzinfo is None:
-        created_at = created_at.replace(tzinfo=timezone.utc)
-    return (datetime.now(timezone.utc) - created_at).total_seconds()
+        created_at = created_at.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - created_at).total_seconds()

@@ -61,10 +61,11 @@ async def _scan_hashes(client: Any, prefix: str) -> dict[str, dict[str, str]]:
     if not names:
         return {}
     raws = await hgetall_many(client, names)
-    return {name[len(prefix):]: raw for name, raw in zip(names, raws) if raw}
+    return {name[len(prefix):]: raw for name, raw in zip(names, raws, strict=True) if raw}
 
 
-async def reconcile(registry: "Registry", *, fix: bool) -> list[Difference]:
+async def reconcile(  # noqa: C901  (issue 10 splits it into one function per rule)
+        registry: Registry, *, fix: bool) -> list[Difference]:
     reg = registry
     diffs: list[Difference] = []
 
@@ -87,7 +88,7 @@ async def reconcile(registry: "Registry", *, fix: bool) -> list[Difference]:
         pipe = reg.redis.instances.pipeline(transaction=False)
         for iid in instances:
             pipe.smembers(keys.instance_kernels(iid))
-        for iid, members in zip(instances, await pipe.execute()):
+        for iid, members in zip(instances, await pipe.execute(), strict=True):
             instance_sets[iid] = set(members)
     other_status: dict[str, str] = {}
     unknown_ids = [kid for kid in redis_kernels if kid not in live_rows]
@@ -143,7 +144,8 @@ async def reconcile(registry: "Registry", *, fix: bool) -> list[Difference]:
             continue
         if row.status == KernelStatus.RUNNING.value and row.agent:
             running_by_agent.setdefault(row.agent, []).append(row)
-        elif row.status == KernelStatus.PREPARING.value and _age(row.created_at) > reg.creation_timeout:
+        elif row.status == KernelStatus.PREPARING.value \
+                and _age(row.created_at) > reg.creation_timeout:
             diff = note("abandoned-creation", kid,
                         f"PREPARING for {_age(row.created_at):.0f} s", "settle ERROR")
             if fix and not await reg.redis.kernels.exists(keys.kernel(kid)):
@@ -199,7 +201,7 @@ async def reconcile(registry: "Registry", *, fix: bool) -> list[Difference]:
         match=keys.SESSION_PREFIX + "*", count=1000)]
     if names:
         values = await reg.redis.sessions.mget(names)
-        for name, kid in zip(names, values):
+        for name, kid in zip(names, values, strict=True):
             if kid is None or kid in redis_kernels or kid in live_rows:
                 continue
             async with reg.db.connect() as conn:
@@ -215,7 +217,7 @@ async def reconcile(registry: "Registry", *, fix: bool) -> list[Difference]:
     return diffs
 
 
-async def _ask_agents(reg: "Registry", instances: dict[str, Any],
+async def _ask_agents(reg: Registry, instances: dict[str, Any],
                       wanted: dict[str, list[Any]]) -> dict[str, dict[str, Any] | None]:
     """`list_kernels` of every (non-lost) agent in `wanted`, concurrently; None
     for an agent that cannot be asked."""
@@ -235,7 +237,7 @@ async def _ask_agents(reg: "Registry", instances: dict[str, Any],
         return reply if isinstance(reply, dict) else {}
 
     ids = sorted(wanted)
-    return dict(zip(ids, await asyncio.gather(*(ask(iid) for iid in ids))))
+    return dict(zip(ids, await asyncio.gather(*(ask(iid) for iid in ids)), strict=True))
 
 
 def _now() -> float:

@@ -86,7 +86,7 @@ class Instance:
     interval: float = 0.0
 
     @classmethod
-    def from_hash(cls, instance_id: str, raw: dict[str, str]) -> "Instance":
+    def from_hash(cls, instance_id: str, raw: dict[str, str]) -> Instance:
         return cls(
             id=instance_id,
             addr=raw.get("addr", ""),
@@ -148,7 +148,7 @@ class KernelRecord:
         }
 
     @classmethod
-    def from_hash(cls, kernel_id: str, raw: dict[str, str]) -> "KernelRecord":
+    def from_hash(cls, kernel_id: str, raw: dict[str, str]) -> KernelRecord:
         return cls(
             id=kernel_id,
             instance_id=raw.get("instance", ""),

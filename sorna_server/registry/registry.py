@@ -18,9 +18,10 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import datetime, timezone
-from typing import Any, AsyncIterator, Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from redis.exceptions import RedisError
@@ -144,7 +145,7 @@ class Registry:
         if result[0] != "ok":
             raise InstanceNotAvailable(result[1], lang)
         _, instance_id, flat = result
-        return Instance.from_hash(instance_id, dict(zip(flat[::2], flat[1::2])))
+        return Instance.from_hash(instance_id, dict(zip(flat[::2], flat[1::2], strict=True)))
 
     async def unreserve(self, instance_id: str) -> None:
         """Give back a slot reserved by `schedule` when the creation failed."""
@@ -228,7 +229,7 @@ class Registry:
         if not ids:
             return []
         raws = await hgetall_many(self.redis.kernels, [keys.kernel(kid) for kid in ids])
-        return [KernelRecord.from_hash(kid, raw) for kid, raw in zip(ids, raws) if raw]
+        return [KernelRecord.from_hash(kid, raw) for kid, raw in zip(ids, raws, strict=True) if raw]
 
     async def kernel_extra(self, kernel_id: str) -> dict[str, str]:
         """Fields of the kernel hash beyond KernelRecord (token, registered_at...)."""
@@ -306,7 +307,7 @@ class Registry:
 
     async def _settle_row(self, kernel_id: str, status: str, reason: str, stats: dict,
                           stats_given: bool, instance_id: str | None) -> tuple[bool, Any]:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         conditions = [kernels.c.id == kernel_id, kernels.c.status.in_(LIVE_STATUSES)]
         if instance_id is not None:
             conditions.append(sa.or_(kernels.c.agent == instance_id, kernels.c.agent.is_(None)))
@@ -368,7 +369,7 @@ class Registry:
         if not ids:
             return []
         raws = await hgetall_many(self.redis.instances, [keys.instance(iid) for iid in ids])
-        return [Instance.from_hash(iid, raw) for iid, raw in zip(ids, raws) if raw]
+        return [Instance.from_hash(iid, raw) for iid, raw in zip(ids, raws, strict=True) if raw]
 
     async def instance_kernel_ids(self, instance_id: str) -> set[str]:
         return set(await self.redis.instances.smembers(keys.instance_kernels(instance_id)))

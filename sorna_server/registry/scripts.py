@@ -164,7 +164,8 @@ return removed
 # Returns {state, vanished kernel ids, unknown kernel ids}; state is 'new',
 # 'ok' or 'lost' (a lost instance is left untouched: the caller revives it).
 HEARTBEAT = _PRELUDE + """
-local iid, now, ttl, interval, grace = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
+local iid, now, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local interval, grace = ARGV[4], tonumber(ARGV[5])
 local h = P_INSTANCE .. iid
 local status = redis.call('HGET', h, 'status')
 if status == 'lost' then return {'lost', {}, {}} end

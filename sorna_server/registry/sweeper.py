@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-async def sweep_once(registry: "Registry", *, claim: bool = True) -> dict[str, int]:
+async def sweep_once(registry: Registry, *, claim: bool = True) -> dict[str, int]:
     """One sweep round; returns {lost instance id: kernels settled by this call}.
     With `claim`, does nothing unless this process wins the round's claim."""
     if claim:
@@ -54,7 +54,7 @@ async def sweep_once(registry: "Registry", *, claim: bool = True) -> dict[str, i
 
 
 class Sweeper:
-    def __init__(self, registry: "Registry"):
+    def __init__(self, registry: Registry):
         self.registry = registry
         self.interval = registry.heartbeat_interval
         self.grace = registry.heartbeat_interval * GRACE_PERIOD_FACTOR

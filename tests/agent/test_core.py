@@ -6,8 +6,7 @@ import time
 import psutil
 
 from sorna_server import agent_protocol as proto
-
-from .conftest import pty_exchange, stderr_of, stdout_of
+from tests.helpers import pty_exchange, stderr_of, stdout_of
 
 
 def test_ping_and_started_event(harness):

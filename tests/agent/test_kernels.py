@@ -6,8 +6,7 @@ import time
 import psutil
 
 from sorna_server import agent_protocol as proto
-
-from .conftest import stderr_of, stdout_of
+from tests.helpers import stderr_of, stdout_of
 
 
 def test_input_continuation_and_password_prompt(harness):

@@ -6,8 +6,7 @@ import shutil
 import pytest
 
 from sorna_agent.languages import CatalogueError, load_catalogue
-
-from .conftest import pty_exchange, stderr_of, stdout_of
+from tests.helpers import pty_exchange, stderr_of, stdout_of
 
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
 

@@ -7,8 +7,7 @@ import time
 import psutil
 
 from sorna_server import agent_protocol as proto
-
-from .conftest import pty_exchange, stderr_of, stdout_of
+from tests.helpers import pty_exchange, stderr_of, stdout_of
 
 
 def test_plain_processes_still_run_and_clean_up(harness_factory):

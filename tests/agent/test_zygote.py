@@ -8,8 +8,7 @@ import time
 import psutil
 
 from sorna_server import agent_protocol as proto
-
-from .conftest import stdout_of
+from tests.helpers import stdout_of
 
 
 def _zygotes(harness) -> list[psutil.Process]:

@@ -2,39 +2,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
 
 import pytest
-from click.testing import CliRunner, Result
 
-from sorna_cli.main import cli
 from sorna_server import schema
 from sorna_server.config import load_config
-
-
-class Sorna:
-    """Call `sorna ARGS...` with CliRunner; results keep stdout and stderr apart."""
-
-    def __init__(self, db_url: str | None = None):
-        self.db_url = db_url
-        self.runner = CliRunner()
-
-    def __call__(self, *args: str, env: dict[str, str] | None = None,
-                 db: bool = True) -> Result:
-        argv = (["--db-url", self.db_url] if db and self.db_url else []) + list(args)
-        result = self.runner.invoke(cli, argv, env=env, catch_exceptions=True)
-        # The boundary never lets a traceback through (no --debug here).
-        assert "Traceback" not in result.output, result.output
-        if result.exception is not None and not isinstance(result.exception, SystemExit):
-            raise result.exception
-        return result
-
-    def json(self, *args: str, **kwargs: Any) -> Any:
-        result = self(*args, "--json", **kwargs)
-        assert result.exit_code == 0, result.output
-        return json.loads(result.stdout)
+from tests.helpers import Sorna
 
 
 @pytest.fixture(autouse=True)

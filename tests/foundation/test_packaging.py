@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = ["pyproject.toml", "setup.cfg", "README.md", "sorna_server", "sorna_agent",
+SOURCES = ["pyproject.toml", "README.md", "sorna_server", "sorna_agent",
            "sorna_cli", "fixtures", "migrations"]
 
 

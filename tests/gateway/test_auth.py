@@ -6,7 +6,7 @@ import asyncio
 import email.utils
 import json
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -14,8 +14,7 @@ import sqlalchemy as sa
 from sorna_server import keypairs as keypair_api
 from sorna_server.db.models import keypairs
 from sorna_server.gateway import keys
-
-from .conftest import (
+from tests.helpers import (
     EXAMPLE_ACCESS,
     OTHER_ACCESS,
     OTHER_SECRET,
@@ -113,7 +112,7 @@ async def test_bad_credentials(gateway_factory):
     # stale and future dates
     for skew in (timedelta(minutes=-16), timedelta(minutes=16)):
         status, _, body = await gw.request("GET", "/v2/authorize",
-                                           date=datetime.now(timezone.utc) + skew)
+                                           date=datetime.now(UTC) + skew)
         assert status == 400 and body["type"] == PROBLEM + "invalid-auth-params"
     # garbage headers
     for auth in ("Basic abc", "Sorna signMethod=HMAC-MD4, credential=A:B",
@@ -131,7 +130,7 @@ async def test_bad_credentials(gateway_factory):
 
 async def test_rfc1123_date_and_x_sorna_date(gateway_factory):
     gw = await gateway_factory()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     rfc = email.utils.format_datetime(now, usegmt=True)
     signature = client_signature("GET", "/v2/authorize", rfc, gw.host, "application/json", b"",
                                  "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",

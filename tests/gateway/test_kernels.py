@@ -4,17 +4,18 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import aiohttp
 import sqlalchemy as sa
 
 from sorna_server.db.models import kernels, usage
 from sorna_server.gateway import keys
-
-from .conftest import EXAMPLE_ACCESS, OTHER_ACCESS, OTHER_SECRET, PROBLEM, wait_for
-
-
-def stdout_of(result: dict) -> str:
-    return "".join(data for kind, data in result["console"] if kind == "stdout")
+from tests.helpers import (
+    EXAMPLE_ACCESS,
+    OTHER_ACCESS,
+    OTHER_SECRET,
+    PROBLEM,
+    stdout_of,
+    wait_for,
+)
 
 
 async def test_kernel_lifecycle(gateway_factory):

@@ -19,8 +19,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from sorna_server.redis_conn import redis_server_binary
-
-from .conftest import PG_URL_ENV, PROBLEM, prepare_database, wait_for
+from tests.helpers import PG_URL, PROBLEM, pg_admin, prepare_database, wait_for
 
 
 class PrivateRedis:
@@ -98,17 +97,16 @@ async def test_redis_down_gives_503_and_recovers(gateway_factory, private_redis)
     await wait_for(can_create, timeout=20, interval=0.5)
 
 
-@pytest.mark.skipif(not PG_URL_ENV, reason="needs SORNA_TEST_DB_URL (PostgreSQL)")
+@pytest.mark.skipif(not PG_URL, reason="needs SORNA_TEST_DB_URL (PostgreSQL)")
 async def test_database_down_gives_503_and_recovers(gateway_factory, db_url):
     if not db_url.startswith("postgresql"):
         pytest.skip("the outage is simulated with a PostgreSQL database")
-    from tests.conftest import _pg_admin  # the shared admin helper
 
     gw = await gateway_factory(keypair_cache_ttl=0.2)
     status, _, _ = await gw.request("GET", "/v2/authorize")
     assert status == 200
     name = make_url(db_url).database
-    await asyncio.to_thread(_pg_admin, f'DROP DATABASE "{name}" WITH (FORCE)')
+    await asyncio.to_thread(pg_admin, f'DROP DATABASE "{name}" WITH (FORCE)')
     await asyncio.sleep(0.3)  # past the keypair cache TTL
     for method, path, body in (("GET", "/v2/authorize", None),
                                ("POST", "/v2/kernel/create",
@@ -118,7 +116,7 @@ async def test_database_down_gives_503_and_recovers(gateway_factory, db_url):
         assert problem["type"] == PROBLEM + "service-unavailable"
         assert "database" in problem["detail"]
 
-    await asyncio.to_thread(_pg_admin, f'CREATE DATABASE "{name}"')
+    await asyncio.to_thread(pg_admin, f'CREATE DATABASE "{name}"')
     await prepare_database(gw.config)
 
     async def authorized() -> bool:

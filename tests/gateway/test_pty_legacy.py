@@ -10,7 +10,7 @@ import aiohttp
 import zmq
 import zmq.asyncio
 
-from .conftest import EXAMPLE_ACCESS, OTHER_ACCESS, PROBLEM
+from tests.helpers import EXAMPLE_ACCESS, OTHER_ACCESS, PROBLEM
 
 
 async def _read_until(ws: aiohttp.ClientWebSocketResponse, marker: bytes, timeout: float,

@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 from sorna_server import redis_keys
 from sorna_server.gateway.ratelimit import MAX_LEASE, RateLimiter
 
-RATELIMIT_DB = 14  # tests/conftest.py TEST_REDIS_DBS
+RATELIMIT_DB = 14  # tests/helpers.py TEST_REDIS_DBS
 
 
 async def test_leases_never_over_admit_across_two_gateways(redis_url):

@@ -20,8 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from ..conftest import stop_process
-from .conftest import EXAMPLE_ACCESS, EXAMPLE_SECRET
+from tests.helpers import EXAMPLE_ACCESS, EXAMPLE_SECRET, stop_process
 
 
 class ServeProcess:

@@ -3,7 +3,7 @@ signing code), dates, file names, paths; and raw malformed HTTP."""
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sorna.auth import generate_signature
@@ -17,7 +17,7 @@ from sorna_server.gateway.versioning import path_major
 @pytest.mark.parametrize("hash_type", ["sha256", "sha1", "sha512"])
 @pytest.mark.parametrize("content_type", ["application/json", "multipart/form-data"])
 def test_signature_matches_the_historic_client(hash_type, content_type):
-    date = datetime.now(timezone.utc)
+    date = datetime.now(UTC)
     body = b'{"lang": "python3"}'
     _, expected = generate_signature("POST", "v2.20170315", "http://127.0.0.1:8080", date,
                                      "kernel/create", content_type, body,
@@ -41,12 +41,12 @@ def test_authorization_header_parsing():
 
 
 def test_dates():
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     assert parse_date(now.isoformat()) == now
     assert parse_date("2017-03-15T01:02:03.123456+09:00").utcoffset() == timedelta(hours=9)
     assert parse_date("2017-03-15T01:02:03Z").tzinfo is not None
     assert parse_date("Wed, 15 Mar 2017 01:02:03 GMT") == datetime(2017, 3, 15, 1, 2, 3,
-                                                                    tzinfo=timezone.utc)
+                                                                    tzinfo=UTC)
     for bad in ("", "tomorrow", "15/03/2017 noon"):
         with pytest.raises(InvalidAuthParameters):
             parse_date(bad)

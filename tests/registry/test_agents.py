@@ -14,8 +14,7 @@ import pytest
 from sorna_server import agent_protocol as proto
 from sorna_server.agent_client import AgentError
 from sorna_server.registry import InstanceNotAvailable, KernelRecord
-
-from .conftest import REGISTRY_REDIS_DBS, close_env, make_env, wait_for
+from tests.helpers import REGISTRY_REDIS_DBS, close_env, make_env, wait_for
 
 AGENT_FLAGS = {"heartbeat_interval": 0.5, "pool_size": 0, "stats_interval": 0.5}
 
@@ -194,7 +193,7 @@ GATEWAY_SCRIPT = r"""
 import asyncio, json, sys, time
 sys.path.insert(0, sys.argv[2])
 from sorna_server.config import load_config
-from tests.registry.conftest import make_env, close_env
+from tests.helpers import make_env, close_env
 from tests.registry.test_agents import create_kernel
 from sorna_server.registry import InstanceNotAvailable
 
@@ -231,7 +230,7 @@ async def test_two_gateways_fifty_creations_three_agents(env, agent_factory, tmp
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=repo) for _ in range(2)]
     outputs = [await asyncio.wait_for(p.communicate(), 100) for p in procs]
     results = []
-    for proc, (out, err) in zip(procs, outputs):
+    for proc, (out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err.decode()
         results += json.loads(out.decode().strip().splitlines()[-1])
     ok = [r[1] for r in results if r[0] == "ok"]

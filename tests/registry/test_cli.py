@@ -10,10 +10,7 @@ from click.testing import CliRunner
 
 from sorna_cli.main import cli
 from sorna_server.registry.intake import EventIntake
-
-from .conftest import close_env, info, make_env
-
-from .conftest import REGISTRY_REDIS_DBS
+from tests.helpers import REGISTRY_REDIS_DBS, close_env, info, make_env
 
 REDIS_DB_ENV = {f"SORNA_{name.upper()}": str(db) for name, db in REGISTRY_REDIS_DBS.items()}
 
@@ -117,6 +114,7 @@ def test_reconcile_reports_and_fixes(populated, registry_config):
 
     async def damage():
         import sqlalchemy as sa
+
         from sorna_server.db.models import keypairs
         env = await make_env(config, intake=False, sweeper=False, create_schema=False)
         try:

@@ -5,8 +5,7 @@ import pytest
 
 from sorna_server import redis_keys as keys
 from sorna_server.registry import InstanceNotAvailable
-
-from .conftest import wait_for
+from tests.helpers import wait_for
 
 
 async def test_heartbeat_registers_and_refreshes(env):

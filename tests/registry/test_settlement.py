@@ -8,8 +8,7 @@ import msgpack
 
 from sorna_server import agent_protocol as proto
 from sorna_server import redis_keys as keys
-
-from .conftest import wait_for
+from tests.helpers import wait_for
 
 STATS = {"cpu_used": 1500, "mem_max_bytes": 10 * 1024 * 1024, "io_read_bytes": 4096,
          "io_write_bytes": 4096, "net_rx_bytes": 2048, "net_tx_bytes": 0}
@@ -189,8 +188,9 @@ async def test_malformed_frames_are_dropped_and_intake_survives(env):
 
 
 async def test_register_after_settlement_is_refused(env):
-    from sorna_server.registry import RegistrationFailed
     import pytest
+
+    from sorna_server.registry import RegistrationFailed
 
     ak = await env.create_keypair()
     await _agent(env)
