@@ -165,11 +165,7 @@ class SornaConfig(BaseSettings):
     auth_body_timeout: float = Field(
         default=60.0, gt=0,
         description="seconds a body may take to arrive before its signature is checked")
-
-    @field_validator("max_request_body", "max_upload_total", "auth_body_budget", mode="before")
-    @classmethod
-    def _http_body_sizes(cls, value: Any) -> int:
-        return parse_size(value)
+    # (the sizes above are parsed by `_sizes` below)
 
     # --- reference agent -------------------------------------------------
     agent_port: int = Field(default=6001, ge=0, le=65535)
@@ -198,7 +194,8 @@ class SornaConfig(BaseSettings):
         description="auto: own uid and namespaces where possible; none: plain processes")
 
     @field_validator("agent_max_mem", "agent_max_file_size", "agent_max_output",
-                     "max_upload_size", mode="before")
+                     "max_upload_size", "max_request_body", "max_upload_total",
+                     "auth_body_budget", mode="before")
     @classmethod
     def _sizes(cls, value: Any) -> int:
         return parse_size(value)
