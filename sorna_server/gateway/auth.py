@@ -69,6 +69,7 @@ HEX_FORMAT = re.compile(r"[0-9a-fA-F]+", re.ASCII)
 UPLOAD_DIGEST_HEADER = "X-Sorna-Upload-SHA256"
 BAD_CREDENTIAL = "The access key or the signature is not valid."
 """The one answer for an unknown key and a wrong signature."""
+OVERRIDE_HINT = " With X-Method-Override, the signature must be made over the overriding method."
 
 
 @dataclass(slots=True)
@@ -335,7 +336,8 @@ async def authenticate(request: web.Request) -> Keypair:
             if matched:
                 request[SIGNED_BODY] = body.data()
     if keypair is None or not matched:
-        raise AuthorizationFailed(BAD_CREDENTIAL)
+        hint = OVERRIDE_HINT if effective_method(request) != request.method else ""
+        raise AuthorizationFailed(BAD_CREDENTIAL + hint)
     if not keypair.is_active:
         raise AuthorizationFailed("This access key is not active.")
     request[REPLAY_GUARD] = ReplayGuard(

@@ -28,6 +28,7 @@ async def test_method_override_of_a_captured_get_does_not_destroy(gateway_factor
             assert resp.status == 401, (transport, await resp.text())
             body = await resp.json()
             assert body["type"] == AUTH_FAILED
+            assert ("overriding method" in body["detail"]) == (transport != "DELETE")
     # the kernel is still there, and the captured request itself was not used up
     async with gw.client.get(path, headers=captured) as resp:
         assert resp.status == 200, await resp.text()
