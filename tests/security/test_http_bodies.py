@@ -73,6 +73,28 @@ async def test_body_flood_with_bad_signatures_stays_within_the_budget(gateway_fa
     assert status == 413 and reply["type"].startswith(PROBLEM)
 
 
+async def test_a_slow_body_cannot_hold_the_budget(gateway_factory):
+    gw = await gateway_factory(auth_body_timeout=0.5)
+    budget = gw.app[keys.PREAUTH_BUDGET]
+    body = b'{"echo": "' + b"x" * (1 << 20) + b'"}'
+    stalled = asyncio.Event()
+
+    async def stalling_body() -> AsyncIterator[bytes]:
+        yield body[:-10]
+        stalled.set()
+        await asyncio.sleep(30)  # never finishes within the test
+        yield body[-10:]
+
+    headers = gw.sign_headers("POST", "/v2/authorize", body, secret=BAD_SECRET)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with gw.client.post("/v2/authorize", data=stalling_body(), headers=headers) as resp:
+        assert resp.status == 408
+        assert (await resp.json())["type"] == PROBLEM + "request-timeout"
+    assert stalled.is_set() and loop.time() - started < 5
+    assert budget.used == 0 and budget.peak > 0
+
+
 def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
     """A multipart body as `requests` (and so sorna-client) encodes it."""
     boundary = uuid.uuid4().hex
