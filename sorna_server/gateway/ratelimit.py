@@ -10,16 +10,14 @@ own atomic count).
 
 Leases, for keys with large limits: a busy key may take several slots in one
 call (at most 0.1% of its limit and `MAX_LEASE`, growing only while leases get
-used up) and admit that many requests locally without asking Redis. The slots
+used up) and admit that many requests without counting each in Redis. The slots
 are counted in Redis *before* they are used, so several gateways still never
 admit more than the limit; slots not used within `LEASE_TTL` are given back
 (removed from the set) at the key's next request or at shutdown. Consequences,
 per gateway: the reported remaining count ignores other gateways' requests for
 up to `LEASE_TTL`; a gateway that dies holding a lease leaves at most
-`MAX_LEASE` unused slots counted until they leave the window; and when Redis
-fails, a key with a lease may go on for at most its leased requests (within
-`LEASE_TTL`) before its requests answer 503. Keys with a limit below 2,000
-never lease: every request is counted in Redis as it arrives.
+`MAX_LEASE` unused slots counted until they leave the window.  Keys with a
+limit below 2,000 never lease: every request is counted in Redis as it arrives.
 
 Replay protection rides on the same script: each signed request brings its
 signature (`ReplayGuard`), which the script stores with `SET NX PX` (a TTL
@@ -29,8 +27,9 @@ Several gateways share the store, so a signature is used once across all of
 them.  A request admitted from a lease still needs that check: it makes a
 script call of its own with nothing to count, batched with whatever else is
 waiting, so a busy key costs one script call per batch rather than one per
-request (and when Redis is down such requests answer 503 too: the check fails
-closed).
+request.  When Redis is down every signed request answers 503, leased or not
+(the check fails closed; `hit()` without a `ReplayGuard` keeps the old
+behaviour of leases, which may admit their remaining slots).
 
 Every response carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and
 `X-RateLimit-Reset` (milliseconds until one more request is allowed, or the
