@@ -153,6 +153,20 @@ class SornaConfig(BaseSettings):
     rate_limit_window: float = Field(default=900.0, gt=0,
                                      description="seconds of the rolling rate-limit window")
 
+    # --- HTTP authentication and request bodies (docs/security.md) ----------
+    max_request_body: int = Field(
+        default=8 << 20, description="bytes of a signed non-multipart (JSON) request body")
+    max_upload_total: int = Field(
+        default=32 << 20, description="bytes of all the files of one upload request")
+    auth_body_budget: int = Field(
+        default=32 << 20,
+        description="bytes of bodies held in memory, over all requests, before their "
+                    "signature is checked (each request also has 64 KiB of its own)")
+    auth_body_timeout: float = Field(
+        default=60.0, gt=0,
+        description="seconds a body may take to arrive before its signature is checked")
+    # (the sizes above are parsed by `_sizes` below)
+
     # --- reference agent -------------------------------------------------
     agent_port: int = Field(default=6001, ge=0, le=65535)
     agent_rpc_addr: str | None = Field(default=None, description="tcp://IP:PORT to bind")
@@ -180,7 +194,8 @@ class SornaConfig(BaseSettings):
         description="auto: own uid and namespaces where possible; none: plain processes")
 
     @field_validator("agent_max_mem", "agent_max_file_size", "agent_max_output",
-                     "max_upload_size", mode="before")
+                     "max_upload_size", "max_request_body", "max_upload_total",
+                     "auth_body_budget", mode="before")
     @classmethod
     def _sizes(cls, value: Any) -> int:
         return parse_size(value)

@@ -85,8 +85,19 @@ lease of several slots adds `<tag>:1` .. `<tag>:n` at once, see
 `sorna_server.gateway.ratelimit`); expires one window after the last request."""
 
 
+REPLAY_PREFIX = "replay:"
+"""replay:<first 32 hex digits of a request signature> — a signature already
+used (string, SET NX with a TTL running until the request's date leaves the
+15-minute window), checked and set in the rate-limit script; see
+`sorna_server.gateway.ratelimit` and docs/security.md."""
+
+
 def ratelimit(access_key: str) -> str:
     return RATELIMIT_PREFIX + access_key
+
+
+def replay(signature_prefix: str) -> str:
+    return REPLAY_PREFIX + signature_prefix
 
 
 def kernel(kernel_id: str) -> str:

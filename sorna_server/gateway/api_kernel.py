@@ -5,18 +5,23 @@ A keypair only ever sees its own kernels: another key's kernel id is
 """
 from __future__ import annotations
 
+import hmac
 import time
 from urllib.parse import unquote
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
 
 from . import keys
-from .errors import InvalidAPIParameters, RequestTooLarge
-from .keys import ACCESS_KEY
+from .auth import UPLOAD_DIGEST_HEADER, upload_digest
+from .errors import AuthorizationFailed, InvalidAPIParameters, RequestTooLarge
+from .keys import ACCESS_KEY, UPLOAD_DIGEST
 from .validation import CreateKernel, Execute, json_body, parse, sanitize_filename
 
 MAX_UPLOAD_FILES = 32
 UPLOAD_CHUNK = 64 << 10
+MULTIPART_OVERHEAD = 64 << 10
+"""Bytes of part headers and boundaries allowed beyond `max_upload_total` in a
+declared Content-Length."""
 
 
 def _no_content() -> web.Response:
@@ -80,40 +85,61 @@ async def execute(request: web.Request) -> web.Response:
 
 
 async def upload(request: web.Request) -> web.Response:
+    """Multipart files into the kernel's folder.  The historic client's signature
+    does not cover the body; a signed `X-Sorna-Upload-SHA256` (see
+    `auth.upload_digest`) does, and then files that do not match it are refused
+    before any of them reaches the kernel."""
     service = request.app[keys.KERNELS]
     record = await service.get_owned(request[ACCESS_KEY], request.match_info["kernel_id"])
     if not request.content_type.startswith("multipart/"):
         raise InvalidAPIParameters("Upload files as a multipart body.")
-    limit = request.app[keys.CONFIG].max_upload_size
+    config = request.app[keys.CONFIG]
+    total_limit = config.max_upload_total
+    if (request.content_length or 0) > total_limit + MULTIPART_OVERHEAD:
+        raise RequestTooLarge(f"An upload may carry at most {total_limit} bytes of files.")
     try:
-        reader = await request.multipart()
-        files: list[tuple[str, bytes]] = []
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                raise InvalidAPIParameters("Nested multipart bodies are not supported.")
-            if not part.filename:
-                await part.release()  # a plain form field: ignore it
-                continue
-            if len(files) >= MAX_UPLOAD_FILES:
-                raise InvalidAPIParameters(f"At most {MAX_UPLOAD_FILES} files per upload.")
-            # aiohttp clients percent-encode file names, requests sends them raw
-            name = sanitize_filename(unquote(part.filename))
-            files.append((name, await _read_limited(part, name, limit)))
+        files = await _read_files(await request.multipart(), config.max_upload_size,
+                                  total_limit)
     except (ValueError, AssertionError) as exc:  # malformed multipart framing
         raise InvalidAPIParameters(f"Malformed multipart body: {exc}") from None
     if not files:
         raise InvalidAPIParameters("The upload has no files.")
-    for name, data in files:
+    signed = request.get(UPLOAD_DIGEST)
+    if signed is not None and not hmac.compare_digest(upload_digest(files), signed):
+        raise AuthorizationFailed(f"The files do not match the signed {UPLOAD_DIGEST_HEADER}.")
+    for name, data in [(sanitize_filename(name), data) for name, data in files]:
         await service.upload(record, name, data)
     return _no_content()
 
 
-async def _read_limited(part: BodyPartReader, name: str, limit: int) -> bytes:
+async def _read_files(reader: MultipartReader, file_limit: int,
+                      total_limit: int) -> list[tuple[str, bytes]]:
+    """(name as sent, after percent-decoding; content) of every file part, in order."""
+    files: list[tuple[str, bytes]] = []
+    total = 0
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise InvalidAPIParameters("Nested multipart bodies are not supported.")
+        if part.filename and len(files) >= MAX_UPLOAD_FILES:
+            raise InvalidAPIParameters(f"At most {MAX_UPLOAD_FILES} files per upload.")
+        # aiohttp clients percent-encode file names, requests sends them raw
+        name = unquote(part.filename) if part.filename else ""
+        data = await _read_limited(part, name, min(file_limit, total_limit - total),
+                                   file_limit)
+        total += len(data)
+        if part.filename:  # a plain form field is read (and counted) but ignored
+            files.append((name, data))
+    return files
+
+
+async def _read_limited(part: BodyPartReader, name: str, limit: int, file_limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while chunk := await part.read_chunk(UPLOAD_CHUNK):
         size += len(chunk)
         if size > limit:
-            raise RequestTooLarge(f"File {name!r} is larger than {limit} bytes.")
+            raise RequestTooLarge(f"File {name!r} is larger than {file_limit} bytes."
+                                  if limit == file_limit else
+                                  "The files of this upload exceed the total allowed.")
         chunks.append(chunk)
     return b"".join(chunks)

@@ -11,6 +11,13 @@ stdout port a PUB socket (we connect SUB).  The bridge reconnects when the
 kernel is restarted (by this connection, another request or another gateway:
 the registry's ports are re-read every `PORT_CHECK_INTERVAL` seconds) and
 closes the WebSocket when the kernel ends.
+
+The signature is checked once, when the socket opens; afterwards the bridge
+keeps asking the keypair cache (a dictionary look-up, reloaded from the
+database every `keypair_cache_ttl` seconds) and closes the socket with 1008
+(policy violation) once the key is deactivated or deleted: within the cache
+TTL plus a quarter of it (at most `KEY_CHECK_MAX_INTERVAL`).  While the
+database cannot be reached the bridge stays open and asks again.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from ..agent_client import AgentError
 from ..registry import KernelRecord
 from . import keys
+from .auth import KeypairCache
 from .errors import InvalidAPIParameters, Problem, as_problem
 from .kernels import KernelService
 from .keys import ACCESS_KEY
@@ -35,6 +43,7 @@ from .keys import ACCESS_KEY
 log = logging.getLogger(__name__)
 
 PORT_CHECK_INTERVAL = 1.0
+KEY_CHECK_MAX_INTERVAL = 1.0
 MAX_STDIN_CHUNK = 64 << 10
 
 
@@ -47,7 +56,7 @@ async def stream_pty(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     sockets = request.app[keys.WEBSOCKETS]
     sockets.add(ws)
-    bridge = PtyBridge(ws, record, service)
+    bridge = PtyBridge(ws, record, service, request.app[keys.KEYPAIRS], request[ACCESS_KEY])
     try:
         await bridge.run()
     finally:
@@ -56,10 +65,13 @@ async def stream_pty(request: web.Request) -> web.WebSocketResponse:
 
 
 class PtyBridge:
-    def __init__(self, ws: web.WebSocketResponse, record: KernelRecord, service: KernelService):
+    def __init__(self, ws: web.WebSocketResponse, record: KernelRecord, service: KernelService,
+                 keypairs: KeypairCache, access_key: str):
         self.ws = ws
         self.record = record
         self.service = service
+        self.keypairs = keypairs
+        self.access_key = access_key
         self.ctx = zmq.asyncio.Context.instance()
         self.stdin: zmq.asyncio.Socket | None = None
         self.stdout: zmq.asyncio.Socket | None = None
@@ -124,9 +136,27 @@ class PtyBridge:
         finally:
             self.service.unwatch_ports(self.record.id, changed)
 
+    async def _watch_keypair(self) -> None:
+        """Close the socket once its access key is no longer active."""
+        interval = min(max(self.keypairs.ttl / 4, 0.05), KEY_CHECK_MAX_INTERVAL)
+        while not self.ws.closed:
+            await asyncio.sleep(interval)
+            try:
+                keypair = await self.keypairs.get(self.access_key)
+            except Exception as exc:  # database down: keep the bridge, ask again
+                log.debug("pty key check of %s: %s", self.access_key, exc)
+                continue
+            if keypair is None or not keypair.is_active:
+                log.info("closing the terminal of kernel %s: access key %s is not active",
+                         self.record.id, self.access_key)
+                await self.ws.close(code=WSCloseCode.POLICY_VIOLATION,
+                                    message=b"access key deactivated")
+                return
+
     async def run(self) -> None:
         self._connect()
-        watcher = asyncio.create_task(self._watch_kernel())
+        watchers = [asyncio.create_task(self._watch_kernel()),
+                    asyncio.create_task(self._watch_keypair())]
         try:
             async for msg in self.ws:
                 if msg.type == WSMsgType.TEXT:
@@ -134,8 +164,9 @@ class PtyBridge:
                 elif msg.type == WSMsgType.ERROR:
                     break
         finally:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            for watcher in watchers:
+                watcher.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
             await self._disconnect()
 
     async def _handle(self, text: str) -> None:

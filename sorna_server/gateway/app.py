@@ -21,6 +21,7 @@ from ..registry import Registry
 from ..schema import open_ready_database
 from . import keys
 from .auth import KeypairCache, auth_middleware
+from .bodies import PreAuthBudget
 from .errors import problem_middleware
 from .kernels import KernelService
 from .ratelimit import RateLimiter, rate_limit_headers, ratelimit_middleware
@@ -31,7 +32,6 @@ from .versioning import version_middleware
 log = logging.getLogger(__name__)
 
 SERVER_HEADER = f"Sorna-API/{__version__}"
-MAX_JSON_BODY = 8 << 20
 ACTIVITY_FLUSH_INTERVAL = 3.0
 
 
@@ -41,7 +41,8 @@ def create_app(config: SornaConfig, *, primary: bool = True) -> web.Application:
     app = web.Application(
         middlewares=[problem_middleware, version_middleware, auth_middleware,
                      ratelimit_middleware],
-        client_max_size=max(MAX_JSON_BODY, config.max_upload_size),
+        # bodies are read by auth (bounded, see bodies.py) and the upload handler
+        client_max_size=config.max_request_body,
     )
     app[keys.CONFIG] = config
     app[keys.PRIMARY] = primary
@@ -87,6 +88,7 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[keys.CONFIG]
     app[keys.KEYPAIRS] = KeypairCache(app[keys.DB], config.keypair_cache_ttl)
+    app[keys.PREAUTH_BUDGET] = PreAuthBudget(config.auth_body_budget)
     app[keys.RATE_LIMITER] = RateLimiter(app[keys.REDIS].ratelimit, config.rate_limit_window)
     activity = KeypairActivity(app[keys.DB], ACTIVITY_FLUSH_INTERVAL)
     app[keys.ACTIVITY] = activity

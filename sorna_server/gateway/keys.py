@@ -14,8 +14,9 @@ if TYPE_CHECKING:
     from ..redis_conn import RedisClients
     from ..registry import Registry
     from .auth import Keypair, KeypairCache
+    from .bodies import PreAuthBudget
     from .kernels import KernelService
-    from .ratelimit import RateLimiter, RateLimitState
+    from .ratelimit import RateLimiter, RateLimitState, ReplayGuard
     from .usage import KeypairActivity
 
 CONFIG: web.AppKey[SornaConfig] = web.AppKey("config")
@@ -26,6 +27,8 @@ REDIS: web.AppKey[RedisClients] = web.AppKey("redis")
 RPC: web.AppKey[AgentRPCClient] = web.AppKey("rpc")
 REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
 KEYPAIRS: web.AppKey[KeypairCache] = web.AppKey("keypairs")
+PREAUTH_BUDGET: web.AppKey[PreAuthBudget] = web.AppKey("preauth_budget")
+"""Bytes of request bodies held before their signature is checked (see bodies.py)."""
 RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
 ACTIVITY: web.AppKey[KeypairActivity] = web.AppKey("activity")
 KERNELS: web.AppKey[KernelService] = web.AppKey("kernels")
@@ -39,3 +42,9 @@ METHOD: web.RequestKey[str] = web.RequestKey("method", str)
 KEYPAIR: web.RequestKey[Keypair] = web.RequestKey("keypair")
 ACCESS_KEY: web.RequestKey[str] = web.RequestKey("access_key", str)
 RATE_LIMIT: web.RequestKey[RateLimitState] = web.RequestKey("rate_limit")
+REPLAY_GUARD: web.RequestKey[ReplayGuard] = web.RequestKey("replay_guard")
+"""The checked signature, for the rate-limit script to accept it only once."""
+SIGNED_BODY: web.RequestKey[bytes] = web.RequestKey("signed_body", bytes)
+"""The body whose hash the signature covered (non-multipart requests)."""
+UPLOAD_DIGEST: web.RequestKey[str] = web.RequestKey("upload_digest", str)
+"""X-Sorna-Upload-SHA256 of a multipart upload, covered by the signature."""

@@ -4,6 +4,12 @@ Paths live under `/v1` and `/v2`.  `X-Sorna-Version` must be one of the known
 revisions and agree with the path's major version (v3 revisions use `/v2`
 paths).  Without the header the newest revision of the path's major version is
 assumed, as the historic server did.
+
+`X-Method-Override` names the method the handler runs (the effective method).
+It is honoured only where the signature covers it: the authentication
+middleware checks the signature over the effective method and nothing else,
+so a request signed as `GET` and sent with `X-Method-Override: DELETE` fails
+authentication (see `auth`).  The historic client never sends the header.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ def path_major(path: str) -> str | None:
 
 
 def effective_method(request: web.Request) -> str:
+    """The method the handler runs, and so the one the signature must cover."""
     return request.get(METHOD) or request.method
 
 

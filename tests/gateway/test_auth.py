@@ -83,13 +83,19 @@ async def test_version_header_checks_and_method_override(gateway_factory):
     assert status == 200
     status, _, _ = await gw.request("GET", "/v1/authorize", version="v1.20160915")
     assert status == 200
-    # X-Method-Override: a POST that acts as PUT is refused like a PUT
-    status, _, body = await gw.request("POST", "/v2/authorize",
-                                       headers={"X-Method-Override": "PUT"})
-    assert status == 405
-    status, _, body = await gw.request("POST", "/v2/authorize",
-                                       headers={"X-Method-Override": "GET"})
+    # X-Method-Override counts when it was signed: the signature covers the
+    # effective method.  A POST that acts as PUT is refused like a PUT ...
+    async def overridden(signed: str, override: str) -> tuple[int, dict]:
+        headers = {**gw.sign_headers(signed, "/v2/authorize"), "X-Method-Override": override}
+        async with gw.client.post("/v2/authorize", headers=headers) as resp:
+            return resp.status, await resp.json()
+    status, body = await overridden("PUT", "PUT")
+    assert status == 405 and body["type"] == PROBLEM + "method-not-allowed"
+    status, body = await overridden("GET", "get")
     assert status == 200 and body == {"authorized": "yes"}
+    # ... and an override the signature does not cover is refused
+    status, body = await overridden("POST", "GET")
+    assert status == 401 and body["type"] == PROBLEM + "auth-failed"
 
 
 async def test_bad_credentials(gateway_factory):
