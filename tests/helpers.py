@@ -99,6 +99,70 @@ def flush_redis_dbs(url: str, dbs: Iterable[int]) -> None:
         finally:
             client.close()
 
+class PrivateRedis:
+    """A redis-server of the test's own (the embedded binary) on a TCP port, that
+    the test may kill and start again.  Empty after a restart, unless `save()`
+    wrote a snapshot just before (then it comes back with that data)."""
+
+    def __init__(self, port: int, workdir: Path):
+        self.port = port
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        from sorna_server.redis_conn import redis_server_binary
+
+        self.proc = subprocess.Popen(
+            [str(redis_server_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+             "--databases", "16"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if sync_redis.Redis(port=self.port, socket_connect_timeout=0.2).ping():
+                    return
+            except sync_redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def save(self) -> None:
+        client = sync_redis.Redis(port=self.port)
+        try:
+            client.save()
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def block_usage_inserts(engine: Any, block: bool = True) -> None:
+    """Make every INSERT into `usage` fail (a trigger), or stop doing so: a
+    database failure of settlement, injected without touching the server."""
+    if engine.dialect.name == "sqlite":
+        statements = (["CREATE TRIGGER sorna_test_block_usage BEFORE INSERT ON usage "
+                       "BEGIN SELECT RAISE(ABORT, 'injected failure'); END"] if block
+                      else ["DROP TRIGGER IF EXISTS sorna_test_block_usage"])
+    elif block:
+        statements = [
+            "CREATE OR REPLACE FUNCTION sorna_test_block_usage() RETURNS trigger AS "
+            "$$ BEGIN RAISE EXCEPTION 'injected failure'; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER sorna_test_block_usage BEFORE INSERT ON usage "
+            "FOR EACH ROW EXECUTE FUNCTION sorna_test_block_usage()"]
+    else:
+        statements = ["DROP TRIGGER IF EXISTS sorna_test_block_usage ON usage"]
+    async with engine.begin() as conn:
+        for statement in statements:
+            await conn.execute(sa.text(statement))
+
+
 class AgentProcess:
     """A reference agent (`sorna agent`) running as a real child process."""
 
