@@ -79,6 +79,11 @@ RECONCILE_CLAIM = "claim:reconcile"
 """SET NX PX lease: the gateway process that holds it runs this period's
 reconciliation pass (the others skip it)."""
 
+RECONCILE_ABSENT_AGENTS = "reconcile:absent-agents"
+"""Hash agent id -> time reconciliation first found live kernels on an agent
+Redis does not know (after a Redis restart every agent is unknown until its
+next heartbeat); their kernels are settled only once it stays unknown."""
+
 REVIVE_CLAIM_PREFIX = "claim:revive:"
 """claim:revive:<instance id> — one process resets a revived agent."""
 

@@ -37,7 +37,7 @@ from ..db.models import LIVE_STATUSES, KernelStatus, kernels
 from ..registry import InstanceNotAvailable as NoInstance
 from ..registry import KernelRecord, QuotaFull, RegistrationFailed, Registry
 from ..registry.constants import SETTLED_BY_CREATE, SETTLED_BY_DESTROY
-from ..registry.lifecycle import creation_rpc_timeout
+from ..registry.lifecycle import STORE_ERRORS, creation_rpc_timeout
 from . import errors
 
 log = logging.getLogger(__name__)
@@ -290,9 +290,10 @@ class KernelService:
                 attempt.reserved = False
             self._in_background(self._destroy_quietly(instance.addr, attempt.kernel_id))
             if isinstance(exc, RegistrationFailed):
-                raise errors.KernelCreationFailed(
-                    f"The agent went away while the kernel was created ({exc.reason}).") \
-                    from None
+                # the agent was found lost, or the creation abandoned, meanwhile: retry
+                raise errors.InstanceNotAvailable(
+                    f"The agent went away while the kernel was created ({exc.reason}); "
+                    "retry.", reason=exc.reason) from None
             raise
         return record
 
@@ -351,10 +352,15 @@ class KernelService:
             if exc.type != proto.ERR_KERNEL_NOT_FOUND:
                 raise errors.KernelDestructionFailed(**agent_error_fields(exc)) from None
             stats = None  # already gone on the agent: settle with the last known stats
-        await self.lifecycle.settle(record.id, KernelStatus.TERMINATED.value,
-                                    proto.REASON_DESTROYED,
-                                    stats if isinstance(stats, dict) else None,
-                                    path=SETTLED_BY_DESTROY, instance_id=record.instance_id)
+        try:
+            await self.lifecycle.settle(record.id, KernelStatus.TERMINATED.value,
+                                        proto.REASON_DESTROYED,
+                                        stats if isinstance(stats, dict) else None,
+                                        path=SETTLED_BY_DESTROY, instance_id=record.instance_id)
+        except STORE_ERRORS as exc:
+            # The kernel is gone on its agent; the settlement is kept with its final
+            # stats and retried (reconciliation settles it if this process dies).
+            log.warning("destroyed kernel %s; its settlement is postponed: %s", record.id, exc)
         self._notify_ports(record.id)
 
     async def _call(self, record: KernelRecord, method: str, args: dict[str, Any],

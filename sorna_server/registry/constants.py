@@ -17,6 +17,7 @@ ALL_UNREACHABLE = "all-unreachable"  # the agents with room are suspect (not ans
 LIVENESS_TTL_FACTOR = 3.3   # liveness key TTL
 ABSENCE_GRACE_FACTOR = 1.5  # a kernel missing from (or unknown to) heartbeats this long is acted on
 GRACE_PERIOD_FACTOR = 2.0   # start-up reconciliation waits this long for agents to re-announce
+ABSENT_AGENT_FACTOR = 6.6   # an agent Redis does not know this long is taken for gone
 
 # --- which path settled a kernel (kernels.settled_by, usage.settled_by) ------
 SETTLED_BY_EVENT = "event"            # the agent's kernel_terminated event

@@ -157,11 +157,7 @@ class EventIntake:
     def dispatch(self, event: dict[str, Any]) -> None:
         kind, iid = event["type"], event["instance_id"]
         if kind == "kernel_terminated":
-            # a failed settlement is kept (with these final stats) and retried
-            self.spawn(self.lifecycle.settle(
-                event["kernel_id"], KernelStatus.TERMINATED.value, event["reason"],
-                event.get("stats"), path=SETTLED_BY_EVENT, instance_id=iid),
-                f"settle {event['kernel_id']}")
+            self.spawn(self.on_kernel_terminated(event), f"settle {event['kernel_id']}")
         elif kind == "instance_stats":
             self.spawn(self.registry.update_stats(event["stats"]), f"stats {iid}")
         elif kind == "instance_started":
@@ -227,6 +223,16 @@ class EventIntake:
         task.add_done_callback(lambda _t: self._busy.discard(subject))
 
     # --- lifecycle events ------------------------------------------------------
+    async def on_kernel_terminated(self, event: dict[str, Any]) -> None:
+        """Settle with the event's final stats.  They are first noted in the kernel's
+        Redis hash, so that whichever path settles the kernel if this settlement
+        fails (this process's retry, or another gateway's heartbeat or sweep) uses
+        them too; a failed settlement is kept by the lifecycle and retried."""
+        kernel_id, iid = event["kernel_id"], event["instance_id"]
+        await self.lifecycle.note_final(kernel_id, iid, event["reason"], event.get("stats"))
+        await self.lifecycle.settle(kernel_id, KernelStatus.TERMINATED.value, event["reason"],
+                                    event.get("stats"), path=SETTLED_BY_EVENT, instance_id=iid)
+
     async def on_started(self, event: dict[str, Any]) -> None:
         """A fresh agent process: kernels Redis still holds for it died with the old one."""
         iid, info = event["instance_id"], event["info"]

@@ -45,6 +45,7 @@ from ..db import quota
 from ..db.models import FINAL_STATUSES, LIVE_STATUSES, KernelStatus, kernels, usage
 from ..redis_conn import RedisClients, hash_fields, hash_mapping
 from . import scripts
+from .constants import SETTLED_BY_EVENT
 from .records import KernelRecord, RegistrationFailed
 
 log = logging.getLogger(__name__)
@@ -237,8 +238,15 @@ class KernelLifecycle:
         if status not in FINAL_STATUSES:
             raise ValueError(f"not a final kernel status: {status!r}")
         stats_given = stats is not None
-        if stats is None:
-            stats = await self._last_stats(kernel_id) if use_sampled else {}
+        if stats is None and use_sampled:
+            sampled, final = await self._sampled(kernel_id, instance_id)
+            if final is not None:
+                # its agent reported the end: settle as the event said
+                status, reason, path = KernelStatus.TERMINATED.value, final[0], SETTLED_BY_EVENT
+                stats, stats_given = final[1], True
+            else:
+                stats = sampled
+        stats = stats or {}
         try:
             won, row = await self._settle_row(kernel_id, status, reason, stats, stats_given,
                                               path, instance_id)
@@ -289,14 +297,32 @@ class KernelLifecycle:
             except Exception:  # a hook must never break settlement
                 log.exception("settlement hook failed")
 
-    async def _last_stats(self, kernel_id: str) -> dict[str, Any]:
-        """The last stats sampled into Redis; {} when Redis cannot say (never waits
-        for Redis to come back)."""
+    async def note_final(self, kernel_id: str, instance_id: str, reason: str,
+                         stats: dict[str, Any] | None) -> None:
+        """Keep an agent's report of a kernel's end (reason, final stats) in the
+        kernel's Redis hash, for whichever path ends up settling it."""
         try:
-            raw = await self.redis.kernels.hget(keys.kernel(kernel_id), "last_stats")
+            await scripts.update_kernel(
+                self.redis.kernels, kernel_id, "final_reason", reason, "final_instance",
+                instance_id, "final_stats", json.dumps(stats or {}))
+        except (RedisError, OSError) as exc:  # this process still settles with them
+            log.warning("could not note the end of kernel %s: %s", kernel_id, exc)
+
+    async def _sampled(self, kernel_id: str, instance_id: str | None
+                       ) -> tuple[dict[str, Any], tuple[str, dict[str, Any]] | None]:
+        """The last stats sampled into Redis, and (reason, final stats) when its
+        agent reported the end; ({}, None) when Redis cannot say (never waits for
+        Redis to come back)."""
+        try:
+            raw = await self.redis.kernels.hmget(
+                keys.kernel(kernel_id), ["last_stats", "final_reason", "final_instance",
+                                         "final_stats"])
         except (RedisError, OSError):
-            return {}
-        return _loads(raw if isinstance(raw, str) else None)
+            return {}, None
+        last, reason, reported_by, final = (v if isinstance(v, str) else None for v in raw)
+        if reason and (instance_id is None or reported_by == instance_id):
+            return _loads(last), (reason, _loads(final))
+        return _loads(last), None
 
     async def _settle_row(self, kernel_id: str, status: str, reason: str,
                           stats: dict[str, Any], stats_given: bool, path: str,

@@ -47,9 +47,10 @@ from .. import agent_protocol as proto
 from .. import redis_keys as keys
 from ..agent_client import AgentError
 from ..db.models import LIVE_STATUSES, KernelStatus, kernels, keypairs
-from ..redis_conn import pipelined, scan_names, string_value, string_values
+from ..redis_conn import hash_fields, pipelined, scan_names, string_value, string_values
 from . import scripts
 from .constants import (
+    ABSENT_AGENT_FACTOR,
     CLEANUP_GRACE,
     REASON_ABANDONED,
     RULE_ABANDONED_CREATION,
@@ -95,6 +96,7 @@ class Snapshot:
     instances: dict[str, Instance]
     instance_sets: dict[str, set[str]]
     other_rows: dict[str, Any] = field(default_factory=dict)  # ids above, not live then
+    absent_for: dict[str, float] = field(default_factory=dict)  # unknown agent -> seconds
 
 
 async def reconcile(registry: Registry, *, fix: bool) -> list[Difference]:
@@ -140,7 +142,32 @@ class Reconciliation:
         snap = Snapshot(live_rows, redis_kernels, instances, instance_sets)
         others = set(redis_kernels).union(*instance_sets.values()) - live_rows.keys()
         snap.other_rows = await self.rows_of(others)
+        referenced = {row.agent for row in live_rows.values() if row.agent} | {
+            raw.get("instance", "") for raw in redis_kernels.values()}
+        snap.absent_for = await self.absent_agents(referenced - {""}, set(instances))
         return snap
+
+    async def absent_agents(self, referenced: set[str], known: set[str]) -> dict[str, float]:
+        """How long each referenced agent has been unknown to Redis (0 the first
+        time): after a Redis restart every agent is unknown until it heartbeats."""
+        client, name, now = self.reg.redis.instances, keys.RECONCILE_ABSENT_AGENTS, time.time()
+        recorded = await hash_fields(client, name)
+        back = [iid for iid in recorded if iid in known]
+        if back:
+            await client.hdel(name, *back)
+        absent = sorted(referenced - known)
+        for iid in absent:
+            if iid not in recorded:
+                await client.hsetnx(name, iid, repr(now))
+        return {iid: now - float(recorded.get(iid) or now) for iid in absent}
+
+    def gone(self, snap: Snapshot, iid: str) -> bool:
+        """An agent that is lost, or that Redis has not known for a while."""
+        inst = snap.instances.get(iid)
+        if inst is not None:
+            return inst.status == "lost"
+        grace = self.reg.heartbeat_interval * ABSENT_AGENT_FACTOR
+        return snap.absent_for.get(iid, 0.0) > grace
 
     async def _redis_kernels(self) -> dict[str, dict[str, str]]:
         prefix = keys.KERNEL_PREFIX
@@ -196,7 +223,7 @@ class Reconciliation:
         for kid, raw in snap.redis_kernels.items():
             iid = raw.get("instance", "")
             inst = snap.instances.get(iid)
-            if kid not in snap.live_rows or (inst is not None and inst.status != "lost"):
+            if kid not in snap.live_rows or not self.gone(snap, iid):
                 continue
             diff = self.note(RULE_KERNEL_ON_LOST_AGENT, kid,
                              f"agent {iid} is {'unknown' if inst is None else 'lost'}",
@@ -265,10 +292,11 @@ class Reconciliation:
         listings = await self._ask_agents(snap.instances, by_agent)
         for iid, rows in sorted(by_agent.items()):
             for row in rows:
-                await self._running_row(row, snap.instances.get(iid), listings.get(iid))
+                await self._running_row(row, snap.instances.get(iid), listings.get(iid),
+                                        self.gone(snap, iid))
 
     async def _running_row(self, row: Any, inst: Instance | None,
-                           listing: dict[str, Any] | None) -> None:
+                           listing: dict[str, Any] | None, gone: bool) -> None:
         iid = row.agent
         if listing is not None and row.id in listing and inst is not None:
             diff = self.note(RULE_UNREGISTERED_RUNNING, row.id,
@@ -277,10 +305,10 @@ class Reconciliation:
                 diff.fixed = await self.lifecycle.adopt(iid, inst.addr, row.id, row.access_key,
                                                         row.lang, listing[row.id] or {})
             return
-        if listing is None and inst is not None and inst.status != "lost" \
-                and await self.reg.is_alive(iid):
+        if listing is None and not gone and (inst is None or await self.reg.is_alive(iid)):
             self.note(RULE_UNVERIFIABLE_KERNEL, row.id,
-                      f"RUNNING on {iid}, which cannot be asked now", "none (retry later)")
+                      f"RUNNING on {iid}, which cannot be asked now"
+                      f"{' (not registered yet)' if inst is None else ''}", "none (retry later)")
             return
         where = ("unknown" if inst is None else "lost" if inst.status == "lost"
                  else "silent" if listing is None else "does not run it")
