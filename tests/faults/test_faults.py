@@ -213,3 +213,38 @@ async def test_event_settlement_failure(deployment):
     assert by_path.get("self-terminated", 0) > 0, by_path
     assert by_path.get("vanished-from-agent", 0) == 0, by_path
     assert settled_by.get("event", 0) > 0, settled_by
+
+
+async def test_dead_agent_is_suspect_at_once_and_creates_go_elsewhere(deployment):
+    """Before the dead agent is even found lost, every create succeeds (a create
+    that picked it retries once on the other agent) and nothing answers 500."""
+    cluster, keys = deployment
+    dead = cluster.agents[1]
+    cluster.signal_agent(1, signal.SIGKILL)
+    load = Load(cluster, keys[:1], clients=0)
+    load.start()
+    try:
+        statuses, held = [], []
+        for _ in range(4):  # kept running, so the scheduler soon prefers the dead agent
+            status, body = await load.request(0, "POST", "/v2/kernel/create",
+                                              {"lang": "python3",
+                                               "clientSessionToken": uuid.uuid4().hex},
+                                              keys[0], "create")
+            statuses.append(status)
+            if status == 201:
+                held.append(body["kernelId"])
+        for kernel_id in held:
+            await load._destroy(0, kernel_id, keys[0])
+    finally:
+        await load.stop()
+    assert statuses == [201] * 4, load.status_counts()
+    from sorna_server import redis_keys
+    from sorna_server.redis_conn import RedisClients
+
+    redis = RedisClients.connect(cluster.redis.url, cluster.config)
+    try:
+        status = await redis.instances.hget(redis_keys.instance(dead.instance_id), "status")
+        suspect = await redis.instances.exists(redis_keys.instance_suspect(dead.instance_id))
+    finally:
+        await redis.close()
+    assert status == "lost" or suspect, status
