@@ -257,8 +257,9 @@ class KernelLifecycle:
         self._pending_settlements.pop(kernel_id, None)
         if row is not None and row.status not in LIVE_STATUSES:
             await self.clean_up(kernel_id, row.agent or instance_id, row.access_key)
-        elif row is None and instance_id is not None:
-            await self.clean_up(kernel_id, instance_id, None)  # a phantom entry
+        if instance_id is not None and (row is None or (row.status not in LIVE_STATUSES
+                                                        and row.agent not in (None, instance_id))):
+            await self.clean_up(kernel_id, instance_id, None)  # a phantom entry there
         if won:
             assert row is not None
             log.info("kernel %s settled %s (%s, by %s)", kernel_id, status, reason, path)
