@@ -427,10 +427,10 @@ class Load:
                 if status == 404 or ends_itself:
                     break
             if not ends_itself:
-                await self._destroy(n, kernel_id, keypair)
+                await self.destroy(n, kernel_id, keypair)
             self.kernels_done += 1
 
-    async def _destroy(self, n: int, kernel_id: str, keypair: tuple[str, str]) -> None:
+    async def destroy(self, n: int, kernel_id: str, keypair: tuple[str, str]) -> None:
         """Destroy, retrying while told to retry (a client would): bounded."""
         for attempt in range(40):
             status, _ = await self.request(self._gateway(n), "DELETE",
@@ -461,7 +461,7 @@ async def full_service_after(cluster: Cluster, keypair: tuple[str, str],
                     status, _ = await load.request(gw, "POST", f"/v2/kernel/{kid}",
                                                    {"mode": "query", "code": "print(1)"},
                                                    keypair, "probe-execute")
-                    await load._destroy(gw, kid, keypair)
+                    await load.destroy(gw, kid, keypair)
                     if status == 200:
                         break
                 await asyncio.sleep(0.05)

@@ -234,7 +234,7 @@ async def test_dead_agent_is_suspect_at_once_and_creates_go_elsewhere(deployment
             if status == 201:
                 held.append(body["kernelId"])
         for kernel_id in held:
-            await load._destroy(0, kernel_id, keys[0])
+            await load.destroy(0, kernel_id, keys[0])
     finally:
         await load.stop()
     assert statuses == [201] * 4, load.status_counts()

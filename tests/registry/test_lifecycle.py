@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from sorna_server import redis_keys as keys
 from sorna_server.db.models import kernels
-from sorna_server.registry import InstanceNotAvailable, KernelRecord, constants
+from sorna_server.registry import InstanceNotAvailable, KernelRecord, constants, scripts
 from tests.helpers import (
     PrivateRedis,
     block_usage_inserts,
@@ -196,3 +196,22 @@ async def _backdate(env, kernel_id: str, seconds: float, column: str = "created_
     async with env.engine.begin() as conn:
         await conn.execute(sa.update(kernels).where(kernels.c.id == kernel_id)
                            .values({column: datetime.now(UTC) - timedelta(seconds=seconds)}))
+
+
+async def test_heartbeats_remove_a_phantom_whose_kernel_was_settled(env):
+    """A kernel-set entry left by a creation that failed after bind_kernel (its
+    row is final, no kernel hash): the agent does not run it, and the vanished
+    path removes it instead of failing to find its instance for ever."""
+    ak = await env.create_keypair()
+    await _agent(env)
+    kid = await env.create_kernel_row(ak)
+    assert await env.settle(kid, "ERROR", "creation-failed", path="create-failed")
+    await scripts.bind_kernel(env.redis.instances, "i-a", kid, repr(time.time()), "0")
+    assert (await env.registry.get_instance("i-a")).load == 1
+
+    async def removed():
+        await env.heartbeat("i-a", [])
+        return await env.registry.instance_kernel_ids("i-a") == set()
+    await wait_for(removed, timeout=10, interval=env.config.heartbeat_interval / 2)
+    assert (await env.registry.get_instance("i-a")).load == 0
+    assert (await env.kernel_row(kid)).settled_by == "create-failed"
