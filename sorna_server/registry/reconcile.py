@@ -418,8 +418,16 @@ class Reconciliation:
         if not wanted:
             return
         values = await string_values(self.reg.redis.sessions, list(wanted.values()))
-        for (kid, name), value in zip(wanted.items(), values, strict=True):
-            if value is not None or not await self.reg.redis.kernels.exists(keys.kernel(kid)):
+        unbound = [kid for (kid, _), value in zip(wanted.items(), values, strict=True)
+                   if value is None]
+        if not unbound:
+            return
+        current = await self.rows_of(unbound)  # not settled (and so unbound) meanwhile
+        for kid in unbound:
+            name = wanted[kid]
+            row = current.get(kid)
+            if row is None or row.status != KernelStatus.RUNNING.value \
+                    or not await self.reg.redis.kernels.exists(keys.kernel(kid)):
                 continue
             diff = self.note(RULE_MISSING_SESSION, name, f"its kernel {kid} runs", "bind again")
             if self.fix:
