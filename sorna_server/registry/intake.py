@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -41,6 +40,7 @@ from .constants import (
     SETTLED_BY_HEARTBEAT,
     SETTLED_BY_ORPHAN,
 )
+from .lifecycle import age_of
 from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -338,12 +338,3 @@ class EventIntake:
                                    timeout=reg.config.agent_rpc_timeout)
             except AgentError as exc:
                 log.warning("could not destroy orphan kernel %s on %s: %s", kernel_id, iid, exc)
-
-
-def age_of(created_at: datetime | None) -> float:
-    """Seconds since a database timestamp (naive ones are UTC, as SQLite returns them)."""
-    if created_at is None:
-        return 0.0
-    if created_at.tzinfo is None:
-        created_at = created_at.replace(tzinfo=UTC)
-    return (datetime.now(UTC) - created_at).total_seconds()

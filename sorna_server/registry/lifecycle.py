@@ -119,6 +119,15 @@ class _PendingCleanup:
     next_try: float = 0.0
 
 
+def age_of(created_at: datetime | None) -> float:
+    """Seconds since a database timestamp (naive ones are UTC, as SQLite returns them)."""
+    if created_at is None:
+        return 0.0
+    if created_at.tzinfo is None:
+        created_at = created_at.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - created_at).total_seconds()
+
+
 def _loads(text: str | None) -> dict[str, Any]:
     try:
         value = json.loads(text) if text else {}

@@ -66,7 +66,7 @@ from .constants import (
     RULE_VANISHED_KERNEL,
     SETTLED_BY_RECONCILE,
 )
-from .intake import age_of
+from .lifecycle import age_of
 from .records import Instance
 from .registry import Registry
 
@@ -153,11 +153,11 @@ class Reconciliation:
         client, name, now = self.reg.redis.instances, keys.RECONCILE_ABSENT_AGENTS, time.time()
         recorded = await hash_fields(client, name)
         back = [iid for iid in recorded if iid in known]
-        if back:
+        if back and self.fix:
             await client.hdel(name, *back)
         absent = sorted(referenced - known)
         for iid in absent:
-            if iid not in recorded:
+            if iid not in recorded and self.fix:  # a report changes nothing
                 await client.hsetnx(name, iid, repr(now))
         return {iid: now - float(recorded.get(iid) or now) for iid in absent}
 
