@@ -40,7 +40,7 @@ from .constants import (
     SETTLED_BY_HEARTBEAT,
     SETTLED_BY_ORPHAN,
 )
-from .lifecycle import age_of
+from .lifecycle import STORE_ERRORS, age_of
 from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -224,14 +224,19 @@ class EventIntake:
 
     # --- lifecycle events ------------------------------------------------------
     async def on_kernel_terminated(self, event: dict[str, Any]) -> None:
-        """Settle with the event's final stats.  They are first noted in the kernel's
-        Redis hash, so that whichever path settles the kernel if this settlement
-        fails (this process's retry, or another gateway's heartbeat or sweep) uses
-        them too; a failed settlement is kept by the lifecycle and retried."""
+        """Settle with the event's final stats.  When that fails, the lifecycle keeps
+        the settlement and retries it, and the end is noted in the kernel's Redis
+        hash, so that whichever path settles the kernel first (this process's
+        retry, another gateway's heartbeat or sweep, reconciliation) uses them."""
         kernel_id, iid = event["kernel_id"], event["instance_id"]
-        await self.lifecycle.note_final(kernel_id, iid, event["reason"], event.get("stats"))
-        await self.lifecycle.settle(kernel_id, KernelStatus.TERMINATED.value, event["reason"],
-                                    event.get("stats"), path=SETTLED_BY_EVENT, instance_id=iid)
+        try:
+            await self.lifecycle.settle(kernel_id, KernelStatus.TERMINATED.value,
+                                        event["reason"], event.get("stats"),
+                                        path=SETTLED_BY_EVENT, instance_id=iid)
+        except STORE_ERRORS:
+            await self.lifecycle.note_final(kernel_id, iid, event["reason"],
+                                            event.get("stats"))
+            raise
 
     async def on_started(self, event: dict[str, Any]) -> None:
         """A fresh agent process: kernels Redis still holds for it died with the old one."""
