@@ -16,7 +16,9 @@ Phases:
    Redis records via the registry) and the agents' heartbeats list them.
 3. steady state: every agent heartbeats every `--interval` seconds for
    `--steady` seconds; the gateway's CPU share is measured, and scheduling
-   latency with 1,000 instances is timed under that load.
+   latency with 1,000 instances is timed under that load.  Then one periodic
+   reconciliation pass over the 1,000 agents and 10,000 kernels is timed: wall
+   time and Redis time (INFO commandstats), heartbeats paused.
 4. intake capacity: `--blast` heartbeats pushed as fast as possible; events/s
    the gateway handled.
 
@@ -51,6 +53,9 @@ from sorna_server.config import load_config  # noqa: E402
 from sorna_server.db.engine import create_engine  # noqa: E402
 from sorna_server.redis_conn import EmbeddedRedis, RedisClients  # noqa: E402
 from sorna_server.registry import Registry  # noqa: E402
+from sorna_server.registry.intake import EventIntake  # noqa: E402
+from sorna_server.registry.reconcile import reconcile  # noqa: E402
+from sorna_server.registry.sweeper import Sweeper  # noqa: E402
 
 LANG = "python3"
 BENCH_DBS = {"redis_db_kernels": 1, "redis_db_instances": 2, "redis_db_sessions": 3,
@@ -71,8 +76,11 @@ async def gateway_main(settings: dict[str, Any]) -> None:
     engine = create_engine(config)
     rpc = AgentRPCClient()
     registry = Registry(config, redis, engine, rpc)
-    await registry.start(intake=True, sweeper=True)
-    intake = registry._intake
+    await registry.start()
+    intake = EventIntake(registry)
+    await intake.start()
+    sweeper = Sweeper(registry)
+    sweeper.start()
     me = psutil.Process()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -88,6 +96,8 @@ async def gateway_main(settings: dict[str, Any]) -> None:
             except TimeoutError:
                 pass
     finally:
+        await sweeper.stop()
+        await intake.stop()
         await registry.stop()
         await rpc.close()
         await redis.close()
@@ -266,13 +276,34 @@ async def register_kernels(registry: Registry, engine: Any, agents: Agents, tota
 
     async def one(index: int, iid: str, kid: str) -> None:
         async with semaphore:
-            await registry.adopt_kernel(iid, f"tcp://127.0.0.1:{20000 + index}", kid,
-                                        "AKIABENCH", LANG,
-                                        {"created_at": time.time(), "stdin_port": 1,
-                                         "stdout_port": 2})
+            await registry.lifecycle.adopt(iid, f"tcp://127.0.0.1:{20000 + index}", kid,
+                                           "AKIABENCH", LANG,
+                                           {"created_at": time.time(), "stdin_port": 1,
+                                            "stdout_port": 2})
             agents.kernels[iid].append(kid)  # from now on the agent "runs" it
     await asyncio.gather(*(one(i, iid, kid) for i, iid in enumerate(agents.ids)
                            for kid in planned[iid]))
+
+
+async def redis_busy_usec(registry: Registry) -> int:
+    """Microseconds Redis has spent executing commands so far (INFO commandstats)."""
+    stats = await registry.redis.instances.info("commandstats")
+    return sum(int(value.get("usec", 0)) for value in stats.values() if isinstance(value, dict))
+
+
+async def reconcile_pass(registry: Registry) -> dict[str, Any]:
+    """One periodic reconciliation pass (as every gateway runs it each period),
+    without fixes, with the heartbeats stopped so that Redis time is the pass's."""
+    await asyncio.sleep(0.5)  # let the intake finish the last heartbeats
+    busy = await redis_busy_usec(registry)
+    started = time.monotonic()
+    diffs = await reconcile(registry, fix=False)
+    wall = time.monotonic() - started
+    busy = await redis_busy_usec(registry) - busy
+    return {"wall_ms": round(wall * 1000, 1), "redis_ms": round(busy / 1000, 1),
+            "differences": len(diffs),
+            "differences_by_rule": {kind: sum(d.kind == kind for d in diffs)
+                                    for kind in sorted({d.kind for d in diffs})}}
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -348,6 +379,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         }
         results["kernel_records_after_steady_state"] = len(await registry.list_kernels())
         results["instances_alive"] = sum([await registry.is_alive(i) for i in big.ids])
+        results["reconcile_pass"] = await reconcile_pass(registry)
 
         # 4. capacity
         start = await gateway.sample()

@@ -167,6 +167,14 @@ class SornaConfig(BaseSettings):
         description="seconds a body may take to arrive before its signature is checked")
     # (the sizes above are parsed by `_sizes` below)
 
+    # --- registry fault handling (issue 10) --------------------------------
+    reconcile_interval: float = Field(
+        default=10.0, ge=0,
+        description="seconds between reconciliation passes (every gateway; 0 = start-up only)")
+    creation_deadline: float = Field(
+        default=30.0, gt=0,
+        description="seconds after which a kernel still being created is abandoned")
+
     # --- reference agent -------------------------------------------------
     agent_port: int = Field(default=6001, ge=0, le=65535)
     agent_rpc_addr: str | None = Field(default=None, description="tcp://IP:PORT to bind")

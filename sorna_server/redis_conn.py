@@ -15,9 +15,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.typing import EncodableT
 
 from .children import die_with_parent
 from .config import SornaConfig, mask_url
@@ -115,6 +120,24 @@ class EmbeddedRedis:
             await process.wait()
 
 
+# A pooled connection idle this long is PINGed before use, so connections that
+# died with a restarted Redis are replaced at once instead of failing a request.
+HEALTH_CHECK_INTERVAL = 1
+
+
+def connection_retry() -> Retry:
+    """redis-py's own retry with backoff, for connection errors only.
+
+    A connection error means the command never reached a live server (a pooled
+    connection to a Redis that restarted, or a refused connect), so trying it
+    again on a new connection cannot run it twice.  Time-outs are not retried:
+    the command may have run.  Four attempts within about 0.4 s, then the
+    caller sees the error (the gateway answers 503).
+    """
+    return Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.25), retries=3,
+                 supported_errors=(RedisConnectionError,))
+
+
 @dataclass(slots=True)
 class RedisClients:
     """One client per role, each bound to its configured database number."""
@@ -130,7 +153,8 @@ class RedisClients:
         def client(db: int) -> aioredis.Redis:
             return aioredis.Redis.from_url(
                 url, db=db, decode_responses=True, socket_connect_timeout=2,
-                socket_timeout=5, health_check_interval=30, max_connections=256)
+                socket_timeout=5, health_check_interval=HEALTH_CHECK_INTERVAL,
+                max_connections=256, retry=connection_retry())
         return cls(url, client(config.redis_db_kernels), client(config.redis_db_instances),
                    client(config.redis_db_sessions), client(config.redis_db_ratelimit))
 
@@ -166,12 +190,59 @@ async def open_redis(config: SornaConfig) -> AsyncIterator[RedisClients]:
             await embedded.stop()
 
 
-async def hgetall_many(client: aioredis.Redis, names: list[str]) -> list[dict[str, str]]:
-    """HGETALL of every key in `names` in one round trip (an empty dict for a missing key)."""
+# --- typed reads ---------------------------------------------------------------
+# Every client is made with decode_responses=True, so replies are str; redis-py's
+# annotations cannot know that and say `bytes | str`.  These helpers state it once.
+
+async def hash_fields(client: aioredis.Redis, name: str) -> dict[str, str]:
+    """HGETALL (an empty dict for a missing key)."""
+    return cast(dict[str, str], await client.hgetall(name))
+
+
+async def set_members(client: aioredis.Redis, name: str) -> set[str]:
+    """SMEMBERS."""
+    return cast(set[str], await client.smembers(name))
+
+
+async def string_value(client: aioredis.Redis, name: str) -> str | None:
+    """GET."""
+    return cast("str | None", await client.get(name))
+
+
+async def string_values(client: aioredis.Redis, names: list[str]) -> list[str | None]:
+    """MGET."""
+    return cast("list[str | None]", await client.mget(names))
+
+
+def hash_mapping(values: dict[str, str]) -> dict[EncodableT, EncodableT]:
+    """A str -> str dict as HSET's `mapping` argument (its annotation is invariant)."""
+    mapping: dict[EncodableT, EncodableT] = {}
+    mapping.update(values)
+    return mapping
+
+
+async def scan_names(client: aioredis.Redis, match: str, count: int = 1000) -> list[str]:
+    """Every key name matching `match` (SCAN, never KEYS)."""
+    return [cast(str, name) async for name in client.scan_iter(match=match, count=count)]
+
+
+async def pipelined(client: aioredis.Redis, command: str, names: list[str],
+                    *args: Any) -> list[Any]:
+    """Run `command name *args` for every name in one round trip (no transaction)."""
     pipe = client.pipeline(transaction=False)
     for name in names:
-        pipe.hgetall(name)
-    return await pipe.execute()
+        getattr(pipe, command)(name, *args)
+    return list(await pipe.execute())
+
+
+async def hgetall_many(client: aioredis.Redis, names: list[str]) -> list[dict[str, str]]:
+    """HGETALL of every key in `names` in one round trip (an empty dict for a missing key)."""
+    return cast(list[dict[str, str]], await pipelined(client, "hgetall", names))
+
+
+async def smembers_many(client: aioredis.Redis, names: list[str]) -> list[set[str]]:
+    """SMEMBERS of every key in `names` in one round trip."""
+    return cast(list[set[str]], await pipelined(client, "smembers", names))
 
 
 def redis_url_for_display(config: SornaConfig) -> str:

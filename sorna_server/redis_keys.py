@@ -46,6 +46,11 @@ INSTANCE_UNKNOWN_SUFFIX = ":unknown"
 """instance:<id>:unknown — hash kernel id -> time the agent first reported a
 kernel the registry does not hold (adopted or destroyed when it stays)."""
 
+INSTANCE_SUSPECT_SUFFIX = ":suspect"
+"""instance:<id>:suspect — set (with a TTL of a few heartbeat intervals) when an
+RPC to the agent failed for want of an answer: scheduling skips the agent until
+it answers again (the key is deleted) or is found lost."""
+
 INSTANCES = "instances"
 """Set of every known instance id (lost ones included, until forgotten)."""
 
@@ -69,6 +74,15 @@ scored by load / max_kernels (lowest first)."""
 SWEEP_CLAIM = "claim:sweep"
 """SET NX PX claim: the gateway process that holds it runs this round of the
 lost-agent sweep."""
+
+RECONCILE_CLAIM = "claim:reconcile"
+"""SET NX PX lease: the gateway process that holds it runs this period's
+reconciliation pass (the others skip it)."""
+
+RECONCILE_ABSENT_AGENTS = "reconcile:absent-agents"
+"""Hash agent id -> time reconciliation first found live kernels on an agent
+Redis does not know (after a Redis restart every agent is unknown until its
+next heartbeat); their kernels are settled only once it stays unknown."""
 
 REVIVE_CLAIM_PREFIX = "claim:revive:"
 """claim:revive:<instance id> — one process resets a revived agent."""
@@ -122,6 +136,10 @@ def instance_reserved(instance_id: str) -> str:
 
 def instance_alive(instance_id: str) -> str:
     return INSTANCE_PREFIX + instance_id + INSTANCE_ALIVE_SUFFIX
+
+
+def instance_suspect(instance_id: str) -> str:
+    return INSTANCE_PREFIX + instance_id + INSTANCE_SUSPECT_SUFFIX
 
 
 def sched_free(lang: str) -> str:

@@ -99,6 +99,70 @@ def flush_redis_dbs(url: str, dbs: Iterable[int]) -> None:
         finally:
             client.close()
 
+class PrivateRedis:
+    """A redis-server of the test's own (the embedded binary) on a TCP port, that
+    the test may kill and start again.  Empty after a restart, unless `save()`
+    wrote a snapshot just before (then it comes back with that data)."""
+
+    def __init__(self, port: int, workdir: Path):
+        self.port = port
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        from sorna_server.redis_conn import redis_server_binary
+
+        self.proc = subprocess.Popen(
+            [str(redis_server_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+             "--databases", "16"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if sync_redis.Redis(port=self.port, socket_connect_timeout=0.2).ping():
+                    return
+            except sync_redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def save(self) -> None:
+        client = sync_redis.Redis(port=self.port)
+        try:
+            client.save()
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def block_usage_inserts(engine: Any, block: bool = True) -> None:
+    """Make every INSERT into `usage` fail (a trigger), or stop doing so: a
+    database failure of settlement, injected without touching the server."""
+    if engine.dialect.name == "sqlite":
+        statements = (["CREATE TRIGGER sorna_test_block_usage BEFORE INSERT ON usage "
+                       "BEGIN SELECT RAISE(ABORT, 'injected failure'); END"] if block
+                      else ["DROP TRIGGER IF EXISTS sorna_test_block_usage"])
+    elif block:
+        statements = [
+            "CREATE OR REPLACE FUNCTION sorna_test_block_usage() RETURNS trigger AS "
+            "$$ BEGIN RAISE EXCEPTION 'injected failure'; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER sorna_test_block_usage BEFORE INSERT ON usage "
+            "FOR EACH ROW EXECUTE FUNCTION sorna_test_block_usage()"]
+    else:
+        statements = ["DROP TRIGGER IF EXISTS sorna_test_block_usage ON usage"]
+    async with engine.begin() as conn:
+        for statement in statements:
+            await conn.execute(sa.text(statement))
+
+
 class AgentProcess:
     """A reference agent (`sorna agent`) running as a real child process."""
 
@@ -364,6 +428,14 @@ class RegistryEnv:
     registry: Registry
     pusher: zmq.asyncio.Socket
     extra: list = field(default_factory=list)
+    intake: Any = None    # registry.intake.EventIntake, when started
+    sweeper: Any = None   # registry.sweeper.Sweeper, when started
+    reconciler: Any = None  # registry.reconciler.Reconciler, when started
+
+    async def settle(self, kernel_id: str, status: str, reason: str,
+                     stats: dict | None = None, path: str = "destroy") -> bool:
+        return await self.registry.lifecycle.settle(kernel_id, status, reason, stats,
+                                                    path=path)
 
     async def push(self, event_type: str, instance_id: str, **fields: Any) -> None:
         await self.pusher.send(proto.encode_event(event_type, instance_id, **fields))
@@ -405,7 +477,7 @@ class RegistryEnv:
             inst = await self.registry.schedule(lang, access_key)
             instance_id, addr = inst.id, inst.addr
         now = time.time()
-        await self.registry.register_kernel(KernelRecord(
+        await self.registry.lifecycle.register(KernelRecord(
             id=kernel_id, instance_id=instance_id, addr=addr, access_key=access_key,
             lang=lang, stdin_port=1, stdout_port=2, created_at=now, last_used=now,
             num_queries=0, limits={}, last_stats={}), token)
@@ -427,7 +499,12 @@ class RegistryEnv:
 
 
 async def make_env(config: SornaConfig, *, intake: bool = True, sweeper: bool = True,
-                   create_schema: bool = True) -> RegistryEnv:
+                   reconciler: bool = True, create_schema: bool = True) -> RegistryEnv:
+    """A started Registry with the services the application would start around it."""
+    from sorna_server.registry.intake import EventIntake
+    from sorna_server.registry.reconciler import Reconciler
+    from sorna_server.registry.sweeper import Sweeper
+
     engine = create_engine(config)
     if create_schema:
         async with engine.begin() as conn:
@@ -435,15 +512,28 @@ async def make_env(config: SornaConfig, *, intake: bool = True, sweeper: bool = 
     redis = RedisClients.connect(config.explicit_redis_url, config)
     rpc = AgentRPCClient(default_timeout=5.0)
     registry = Registry(config, redis, engine, rpc)
-    await registry.start(intake=intake, sweeper=sweeper)
+    await registry.start()
     pusher = zmq.asyncio.Context.instance().socket(zmq.PUSH)
     pusher.setsockopt(zmq.LINGER, 0)
     pusher.connect(f"tcp://127.0.0.1:{config.events_port}")
-    return RegistryEnv(config, redis, engine, rpc, registry, pusher)
+    env = RegistryEnv(config, redis, engine, rpc, registry, pusher)
+    if intake:
+        env.intake = EventIntake(registry)
+        await env.intake.start()
+    if sweeper:
+        env.sweeper = Sweeper(registry)
+        env.sweeper.start()
+    if reconciler:
+        env.reconciler = Reconciler(registry)
+        env.reconciler.start()
+    return env
 
 
 async def close_env(env: RegistryEnv) -> None:
     env.pusher.close(0)
+    for service in (env.reconciler, env.sweeper, env.intake):
+        if service is not None:
+            await service.stop()
     await env.registry.stop()
     await env.rpc.close()
     await env.redis.close()

@@ -56,6 +56,8 @@ kernels = sa.Table(
               server_default=sa.func.now()),
     sa.Column("terminated_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("termination_reason", sa.String(128), nullable=True),
+    # which path settled the kernel (registry.constants.SETTLED_BY_*)
+    sa.Column("settled_by", sa.String(32), nullable=True),
 )
 
 usage = sa.Table(
@@ -72,4 +74,5 @@ usage = sa.Table(
     sa.Column("mem_used", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("io_used", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("net_used", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("settled_by", sa.String(32), nullable=True),
 )

@@ -18,6 +18,9 @@ from ..agent_client import AgentRPCClient
 from ..config import SornaConfig
 from ..redis_conn import open_redis
 from ..registry import Registry
+from ..registry.intake import EventIntake
+from ..registry.reconciler import Reconciler
+from ..registry.sweeper import Sweeper
 from ..schema import open_ready_database
 from . import keys
 from .auth import KeypairCache, auth_middleware
@@ -47,7 +50,8 @@ def create_app(config: SornaConfig, *, primary: bool = True) -> web.Application:
     app[keys.CONFIG] = config
     app[keys.PRIMARY] = primary
     app[keys.WEBSOCKETS] = weakref.WeakSet()
-    app.cleanup_ctx.extend([_redis, _database, _rpc, _registry, _services, _legacy])
+    app.cleanup_ctx.extend([_redis, _database, _rpc, _registry, _event_intake, _sweeper,
+                            _reconciler, _services, _legacy])
     app.on_shutdown.append(_close_websockets)
     app.on_response_prepare.append(_common_headers)
     setup_routes(app)
@@ -77,12 +81,45 @@ async def _rpc(app: web.Application) -> AsyncIterator[None]:
 
 async def _registry(app: web.Application) -> AsyncIterator[None]:
     registry = Registry(app[keys.CONFIG], app[keys.REDIS], app[keys.DB], app[keys.RPC])
-    await registry.start(intake=app[keys.PRIMARY], sweeper=True)
+    await registry.start()
     app[keys.REGISTRY] = registry
     try:
         yield
     finally:
         await registry.stop()
+
+
+async def _event_intake(app: web.Application) -> AsyncIterator[None]:
+    """Agent events (one process per server binds the events port)."""
+    if not app[keys.PRIMARY]:
+        yield
+        return
+    intake = EventIntake(app[keys.REGISTRY])
+    await intake.start()
+    try:
+        yield
+    finally:
+        await intake.stop()
+
+
+async def _sweeper(app: web.Application) -> AsyncIterator[None]:
+    """Lost-agent sweep (every process; one per round does the work)."""
+    sweeper = Sweeper(app[keys.REGISTRY])
+    sweeper.start()
+    try:
+        yield
+    finally:
+        await sweeper.stop()
+
+
+async def _reconciler(app: web.Application) -> AsyncIterator[None]:
+    """Periodic reconciliation and retries of failed settlements (every process)."""
+    reconciler = Reconciler(app[keys.REGISTRY])
+    reconciler.start()
+    try:
+        yield
+    finally:
+        await reconciler.stop()
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:

@@ -32,11 +32,15 @@ class Problem(Exception):
     status = 500
     name = "internal-server-error"
     title = "Something went wrong inside the server."
+    retry_after: int | None = None  # seconds, sent as Retry-After
 
-    def __init__(self, detail: str | None = None, **fields: Any):
+    def __init__(self, detail: str | None = None, *, retry_after: int | None = None,
+                 **fields: Any):
         super().__init__(detail or self.title)
         self.detail = detail
         self.fields = fields
+        if retry_after is not None:
+            self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"type": PROBLEM_BASE + self.name, "title": self.title}
@@ -46,7 +50,9 @@ class Problem(Exception):
         return body
 
     def response(self) -> web.Response:
-        return problem_response(self.status, self.body())
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None \
+            else None
+        return problem_response(self.status, self.body(), headers)
 
 
 def problem_response(status: int, body: dict[str, Any],
@@ -118,10 +124,12 @@ class InternalServerError(Problem):
 
 class InstanceNotAvailable(Problem):
     status, name, title = 503, "instance-not-available", "No agent can run the kernel now."
+    retry_after = 1
 
 
 class ServiceUnavailable(Problem):
     status, name, title = 503, "service-unavailable", "A service the API depends on is unavailable."
+    retry_after = 1
 
 
 _HTTP_STATUS_PROBLEMS: dict[int, type[Problem]] = {
@@ -143,6 +151,8 @@ def dependency_failure(exc: BaseException) -> str | None:
         return "database"
     if isinstance(exc, sa_exc.DBAPIError) and (exc.connection_invalidated or _pg_unreachable(exc)):
         return "database"
+    if _asyncpg_transient(exc):
+        return "database"
     if isinstance(exc, (ConnectionError, TimeoutError)) or (
             isinstance(exc, OSError) and exc.errno is not None):
         # raw socket errors from drivers (asyncpg connect, redis connect)
@@ -153,10 +163,30 @@ def dependency_failure(exc: BaseException) -> str | None:
 def _pg_unreachable(exc: sa_exc.DBAPIError) -> bool:
     """asyncpg errors meaning "the server or the database is not there right now"."""
     orig = getattr(exc, "orig", None)
+    if orig is not None and _asyncpg_transient(orig):
+        return True
     text = f"{type(orig).__name__} {orig}".lower()
     return any(word in text for word in (
         "invalidcatalogname", "does not exist", "cannotconnectnow", "connectiondoesnotexist",
-        "adminshutdown", "terminating connection", "connection refused", "too many clients"))
+        "adminshutdown", "terminating connection", "connection refused", "too many clients",
+        "the database system is shutting down", "the database system is starting up"))
+
+
+# asyncpg errors (raised as they are while a pooled connection is opened, or
+# wrapped by SQLAlchemy) that mean "retry shortly": the server is shutting down
+# or starting up, refuses more connections, or the connection went away.
+_ASYNCPG_TRANSIENT = frozenset({
+    "CannotConnectNowError", "TooManyConnectionsError", "AdminShutdownError",
+    "CrashShutdownError", "ConnectionDoesNotExistError", "ConnectionFailureError",
+    "PostgresConnectionError", "ConnectionRejectionError", "InterfaceError",
+    "InternalClientError", "SqlclientUnableToEstablishSqlconnectionError",
+    "ConnectionResetError",
+})
+
+
+def _asyncpg_transient(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith("asyncpg") and any(
+        cls.__name__ in _ASYNCPG_TRANSIENT for cls in type(exc).__mro__)
 
 
 def as_problem(exc: BaseException) -> Problem:

@@ -3,9 +3,13 @@
 Heartbeats are the hot path (every agent, every interval): the reader drains
 every frame already queued, and all heartbeats of that batch go to Redis in one
 pipeline of EVALSHA calls (one round trip per batch, no per-kernel round trips).
-Events that need the database (kernel_terminated, ...) run as tracked background
-tasks so they never hold up the reader.  Malformed frames are logged and
-dropped.
+Events that need the database (kernel_terminated, ...) run as background tasks
+tracked by the intake, so they never hold up the reader.  A kernel_terminated
+whose settlement fails is kept by the lifecycle with the event's final stats
+and retried.  Malformed frames are logged and dropped.
+
+The application starts the intake (one process per server binds the port)
+around a started Registry.
 """
 from __future__ import annotations
 
@@ -13,8 +17,7 @@ import asyncio
 import json
 import logging
 import time
-from datetime import UTC
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 import zmq
@@ -22,32 +25,40 @@ import zmq.asyncio
 from redis.exceptions import RedisError
 
 from .. import agent_protocol as proto
+from .. import redis_keys as keys
 from ..agent_client import AgentError
 from ..db.models import FINAL_STATUSES, KernelStatus, kernels
 from . import scripts
-from .registry import ABSENCE_GRACE_FACTOR
-
-if TYPE_CHECKING:
-    from .registry import Registry
+from .constants import (
+    ABSENCE_GRACE_FACTOR,
+    REASON_ABANDONED,
+    REASON_ORPHANED,
+    REASON_RESTARTED,
+    REASON_VANISHED,
+    SETTLED_BY_AGENT,
+    SETTLED_BY_EVENT,
+    SETTLED_BY_HEARTBEAT,
+    SETTLED_BY_ORPHAN,
+)
+from .lifecycle import STORE_ERRORS, age_of
+from .registry import Registry
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 512
 POLL_MS = 200
-REASON_VANISHED = "vanished-from-agent"
-REASON_RESTARTED = "agent-restarted"
-REASON_ORPHANED = "orphaned"
-REASON_ABANDONED = "creation-abandoned"
 
 
 class EventIntake:
     def __init__(self, registry: Registry):
         self.registry = registry
+        self.lifecycle = registry.lifecycle
         self.config = registry.config
         self.ctx = zmq.asyncio.Context.instance()
         self.sock: zmq.asyncio.Socket | None = None
         self.endpoint: str | None = None
         self._reader: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._busy: set[str] = set()  # de-duplicates background work per subject
         self._closing = False
         self.received = 0  # frames read from the socket
@@ -66,11 +77,11 @@ class EventIntake:
             sock.close(0)
             raise OSError(f"cannot bind the events port {address}: {exc}") from None
         self.sock = sock
-        self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.endpoint = bytes(sock.getsockopt(zmq.LAST_ENDPOINT)).decode()
         self._reader = asyncio.create_task(self._read(), name="registry-event-intake")
         log.info("listening for agent events on %s", self.endpoint)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 5.0) -> None:
         self._closing = True
         if self._reader is not None:
             # the reader also checks `_closing` between polls, so it ends even if a
@@ -81,17 +92,39 @@ class EventIntake:
         if self.sock is not None:
             self.sock.close(0)
             self.sock = None
+        pending = list(self._tasks)
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=timeout)
+            for task in still:
+                log.warning("intake task %s cut off at shutdown", task.get_name())
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        """Run background work (settlement, revival...) tracked for shutdown."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("intake task %s failed: %s: %s", task.get_name(),
+                      exc.__class__.__name__, exc)
 
     # --- reading -----------------------------------------------------------
     async def _read(self) -> None:
         assert self.sock is not None
         while not self._closing:
-            if not await self.sock.poll(POLL_MS, zmq.POLLIN):
+            if not await self.sock.poll(POLL_MS, zmq.POLLIN):  # type: ignore[call-arg]
                 continue
             frames: list[bytes] = []
             while len(frames) < MAX_BATCH:
                 try:
-                    frames.append(self.sock.recv(zmq.NOBLOCK).result())
+                    # on a ready socket, the asyncio recv completes at once
+                    frames.append(self.sock.recv(zmq.NOBLOCK).result())  # type: ignore[attr-defined]
                 except zmq.Again:
                     break
             try:
@@ -123,17 +156,14 @@ class EventIntake:
 
     def dispatch(self, event: dict[str, Any]) -> None:
         kind, iid = event["type"], event["instance_id"]
-        reg = self.registry
         if kind == "kernel_terminated":
-            reg.spawn(reg.settle(event["kernel_id"], KernelStatus.TERMINATED.value,
-                                 event["reason"], event.get("stats"), instance_id=iid),
-                      f"settle {event['kernel_id']}")
+            self.spawn(self.on_kernel_terminated(event), f"settle {event['kernel_id']}")
         elif kind == "instance_stats":
-            reg.spawn(reg.update_stats(event["stats"]), f"stats {iid}")
+            self.spawn(self.registry.update_stats(event["stats"]), f"stats {iid}")
         elif kind == "instance_started":
-            reg.spawn(self.on_started(event), f"started {iid}")
+            self.spawn(self.on_started(event), f"started {iid}")
         elif kind == "instance_terminated":
-            reg.spawn(self.on_terminated(event), f"terminated {iid}")
+            self.spawn(self.on_terminated(event), f"terminated {iid}")
 
     # --- heartbeats ----------------------------------------------------------
     def heartbeat_args(self, event: dict[str, Any], running: list[str], now: float) -> list[Any]:
@@ -177,8 +207,9 @@ class EventIntake:
             elif state == "lost":
                 self._once(f"revive {iid}", self.revive(event))
             if vanished:
-                self._once(f"vanished {iid}", self.registry.settle_many(
-                    vanished, KernelStatus.LOST.value, REASON_VANISHED, instance_id=iid))
+                self._once(f"vanished {iid}", self.lifecycle.settle_many(
+                    vanished, KernelStatus.LOST.value, REASON_VANISHED,
+                    path=SETTLED_BY_HEARTBEAT, instance_id=iid))
             if unknown:
                 self._once(f"unknown {iid}", self.on_unknown_kernels(event, unknown))
 
@@ -188,18 +219,34 @@ class EventIntake:
             coro.close()
             return
         self._busy.add(subject)
-        task = self.registry.spawn(coro, subject)
+        task = self.spawn(coro, subject)
         task.add_done_callback(lambda _t: self._busy.discard(subject))
 
     # --- lifecycle events ------------------------------------------------------
+    async def on_kernel_terminated(self, event: dict[str, Any]) -> None:
+        """Settle with the event's final stats.  When that fails, the lifecycle keeps
+        the settlement and retries it, and the end is noted in the kernel's Redis
+        hash, so that whichever path settles the kernel first (this process's
+        retry, another gateway's heartbeat or sweep, reconciliation) uses them."""
+        kernel_id, iid = event["kernel_id"], event["instance_id"]
+        try:
+            await self.lifecycle.settle(kernel_id, KernelStatus.TERMINATED.value,
+                                        event["reason"], event.get("stats"),
+                                        path=SETTLED_BY_EVENT, instance_id=iid)
+        except STORE_ERRORS:
+            await self.lifecycle.note_final(kernel_id, iid, event["reason"],
+                                            event.get("stats"))
+            raise
+
     async def on_started(self, event: dict[str, Any]) -> None:
         """A fresh agent process: kernels Redis still holds for it died with the old one."""
         iid, info = event["instance_id"], event["info"]
         if not info.get("num_kernels"):
             old = await self.registry.instance_kernel_ids(iid)
             if old:
-                count = await self.registry.settle_many(
-                    old, KernelStatus.LOST.value, REASON_RESTARTED, instance_id=iid)
+                count = await self.lifecycle.settle_many(
+                    old, KernelStatus.LOST.value, REASON_RESTARTED, path=SETTLED_BY_AGENT,
+                    instance_id=iid)
                 log.warning("agent %s restarted: %d of its kernels ended", iid, count)
         await self.handle_heartbeats([{**event, "running_kernels": [],
                                        "interval": self.registry.heartbeat_interval}])
@@ -209,8 +256,9 @@ class EventIntake:
         iid = event["instance_id"]
         remaining = await self.registry.instance_kernel_ids(iid)
         if remaining:
-            await self.registry.settle_many(remaining, KernelStatus.TERMINATED.value,
-                                            proto.REASON_AGENT_SHUTDOWN, instance_id=iid)
+            await self.lifecycle.settle_many(remaining, KernelStatus.TERMINATED.value,
+                                             proto.REASON_AGENT_SHUTDOWN, path=SETTLED_BY_AGENT,
+                                             instance_id=iid)
         await self.registry.forget_instance(iid)
         log.info("agent %s shut down (%s)", iid, event["reason"])
 
@@ -219,8 +267,6 @@ class EventIntake:
 
         Its kernels were settled LOST, so the agent must not keep running them.
         One process does it (claim key); the others ignore the heartbeat."""
-        from .. import redis_keys as keys
-
         reg = self.registry
         iid, addr = event["instance_id"], event["info"]["addr"]
         claimed = await reg.redis.instances.set(
@@ -237,8 +283,9 @@ class EventIntake:
             return
         leftovers = await reg.instance_kernel_ids(iid)
         if leftovers:
-            await reg.settle_many(leftovers, KernelStatus.LOST.value, proto.REASON_LOST,
-                                  instance_id=iid)
+            await self.lifecycle.settle_many(leftovers, KernelStatus.LOST.value,
+                                             proto.REASON_LOST, path=SETTLED_BY_AGENT,
+                                             instance_id=iid)
         await scripts.revive(reg.redis.instances, iid, repr(time.time()),
                              reg.liveness_ttl_ms(float(event.get("interval") or
                                                        reg.heartbeat_interval)))
@@ -269,11 +316,13 @@ class EventIntake:
             row = rows.get(kernel_id)
             if row is None or row.status in FINAL_STATUSES:
                 destroy.append(kernel_id)
+            elif row.status == KernelStatus.RUNNING.value and row.agent == iid:
+                adopt.append(row)
             elif row.status == KernelStatus.RUNNING.value:
-                (adopt if row.agent == iid else destroy).append(row if row.agent == iid
-                                                                else kernel_id)
-            elif row.agent is None and _age(row.created_at) > reg.creation_timeout:
-                await reg.settle(kernel_id, KernelStatus.ERROR.value, REASON_ABANDONED)
+                destroy.append(kernel_id)
+            elif row.agent is None and age_of(row.created_at) > reg.creation_timeout:
+                await self.lifecycle.settle(kernel_id, KernelStatus.ERROR.value,
+                                            REASON_ABANDONED, path=SETTLED_BY_ORPHAN)
                 destroy.append(kernel_id)
         if adopt:
             try:
@@ -284,8 +333,8 @@ class EventIntake:
                 listing = {}
             for row in adopt:
                 if isinstance(listing, dict) and row.id in listing:
-                    await reg.adopt_kernel(iid, addr, row.id, row.access_key, row.lang,
-                                           listing[row.id] or {})
+                    await self.lifecycle.adopt(iid, addr, row.id, row.access_key, row.lang,
+                                               listing[row.id] or {})
         for kernel_id in destroy:
             log.warning("destroying kernel %s on %s: no live record of it", kernel_id, iid)
             try:
@@ -294,13 +343,3 @@ class EventIntake:
                                    timeout=reg.config.agent_rpc_timeout)
             except AgentError as exc:
                 log.warning("could not destroy orphan kernel %s on %s: %s", kernel_id, iid, exc)
-
-
-def _age(created_at: Any) -> float:
-    from datetime import datetime
-
-    if created_at is None:
-        return 0.0
-    if created_at.tzinfo is None:
-        created_at = created_at.replace(tzinfo=UTC)
-    return (datetime.now(UTC) - created_at).total_seconds()

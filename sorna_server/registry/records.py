@@ -6,16 +6,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-NO_AGENTS = "no-agents"
-LANGUAGE_NOT_OFFERED = "language-not-offered"
-ALL_FULL = "all-full"
-ALL_DRAINING = "all-draining"
+from .constants import ALL_DRAINING, ALL_FULL, ALL_UNREACHABLE, LANGUAGE_NOT_OFFERED, NO_AGENTS
 
 _REASON_TEXT = {
     NO_AGENTS: "no agent is connected",
     LANGUAGE_NOT_OFFERED: "no agent offers this language",
     ALL_FULL: "every agent offering this language is full",
     ALL_DRAINING: "every agent offering this language is being drained",
+    ALL_UNREACHABLE: "no agent offering this language answers right now",
 }
 
 

@@ -35,6 +35,7 @@ local S_RESERVED = {keys.INSTANCE_RESERVED_SUFFIX!r}
 local S_ALIVE = {keys.INSTANCE_ALIVE_SUFFIX!r}
 local S_MISSING = {keys.INSTANCE_MISSING_SUFFIX!r}
 local S_UNKNOWN = {keys.INSTANCE_UNKNOWN_SUFFIX!r}
+local S_SUSPECT = {keys.INSTANCE_SUSPECT_SUFFIX!r}
 local K_INSTANCES = {keys.INSTANCES!r}
 local K_LIVE = {keys.SCHED_LIVE!r}
 local K_DRAINING = {keys.SCHED_DRAINING!r}
@@ -102,26 +103,34 @@ end
 SCHEDULE = _PRELUDE + """
 local lang, now, expiry, token = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local zkey = P_FREE .. lang
+local start, suspects = 0, 0
 while true do
-  local head = redis.call('ZRANGE', zkey, 0, 0)
+  local head = redis.call('ZRANGE', zkey, start, start)
   if #head == 0 then break end
   local iid = head[1]
   local h = P_INSTANCE .. iid
-  local alive = redis.call('EXISTS', h .. S_ALIVE) == 1
-  local load = alive and recompute(iid, now)
-  local f = redis.call('HMGET', h, 'status', 'max_kernels')
-  if alive and load and f[1] == 'running' and load < (tonumber(f[2]) or 0) then
-    redis.call('ZADD', h .. S_RESERVED, expiry, token)
-    recompute(iid, now)
-    return {'ok', iid, redis.call('HGETALL', h)}
+  if redis.call('EXISTS', h .. S_SUSPECT) == 1 then
+    -- not answering RPC right now: skip it but keep it a candidate
+    start = start + 1
+    suspects = suspects + 1
+  else
+    local alive = redis.call('EXISTS', h .. S_ALIVE) == 1
+    local load = alive and recompute(iid, now)
+    local f = redis.call('HMGET', h, 'status', 'max_kernels')
+    if alive and load and f[1] == 'running' and load < (tonumber(f[2]) or 0) then
+      redis.call('ZADD', h .. S_RESERVED, expiry, token)
+      recompute(iid, now)
+      return {'ok', iid, redis.call('HGETALL', h)}
+    end
+    -- not a candidate after all (liveness lapsed, or state changed): drop it
+    -- from this language's candidates; its next heartbeat files it again.
+    redis.call('ZREM', zkey, iid)
   end
-  -- not a candidate after all (liveness lapsed, or state changed): drop it
-  -- from this language's candidates; its next heartbeat files it again.
-  redis.call('ZREM', zkey, iid)
 end
 if redis.call('SCARD', K_LIVE) == 0 then return {'error', 'no-agents'} end
 if redis.call('SCARD', P_OFFER .. lang) == 0 then return {'error', 'language-not-offered'} end
 if redis.call('SCARD', P_OPEN .. lang) == 0 then return {'error', 'all-draining'} end
+if suspects > 0 then return {'error', 'all-unreachable'} end
 return {'error', 'all-full'}
 """
 
@@ -236,7 +245,7 @@ for _, iid in ipairs(redis.call('SMEMBERS', K_INSTANCES)) do
   else
     if status ~= 'lost' and redis.call('EXISTS', h .. S_ALIVE) == 0 then
       redis.call('HSET', h, 'status', 'lost', 'lost_at', ARGV[1])
-      redis.call('DEL', h .. S_RESERVED, h .. S_MISSING, h .. S_UNKNOWN)
+      redis.call('DEL', h .. S_RESERVED, h .. S_MISSING, h .. S_UNKNOWN, h .. S_SUSPECT)
       recompute(iid, now)
       status = 'lost'
       table.insert(out, {iid, redis.call('SMEMBERS', h .. S_KERNELS), 'new'})
@@ -258,7 +267,7 @@ if not status then return false end
 local draining = redis.call('HGET', h, 'draining') == '1'
 redis.call('HSET', h, 'status', draining and 'draining' or 'running', 'revived_at', ARGV[2])
 redis.call('HDEL', h, 'lost_at')
-redis.call('DEL', h .. S_RESERVED, h .. S_MISSING, h .. S_UNKNOWN)
+redis.call('DEL', h .. S_RESERVED, h .. S_MISSING, h .. S_UNKNOWN, h .. S_SUSPECT)
 redis.call('SET', h .. S_ALIVE, '1', 'PX', ARGV[3])
 recompute(iid, now)
 return status
@@ -289,7 +298,8 @@ unlist_languages(iid, decode_list(redis.call('HGET', h, 'languages')))
 redis.call('SREM', K_LIVE, iid)
 redis.call('SREM', K_DRAINING, iid)
 redis.call('SREM', K_INSTANCES, iid)
-redis.call('DEL', h, h .. S_KERNELS, h .. S_RESERVED, h .. S_ALIVE, h .. S_MISSING, h .. S_UNKNOWN)
+redis.call('DEL', h, h .. S_KERNELS, h .. S_RESERVED, h .. S_ALIVE, h .. S_MISSING, h .. S_UNKNOWN,
+           h .. S_SUSPECT)
 return kernels
 """
 

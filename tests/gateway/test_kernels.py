@@ -184,12 +184,13 @@ async def test_agent_killed_mid_execute_gives_a_problem_quickly(gateway_factory)
     gw.agents[0].proc.kill()
     status, body = await asyncio.wait_for(task, 10)
     assert loop.time() - started < 8
-    assert status == 500 and body["type"] == PROBLEM + "kernel-execution-failed"
+    # the client is told to retry (issue 10: never 500 for an agent that went away)
+    assert status == 503 and body["type"] == PROBLEM + "instance-not-available"
     assert body["agentError"]["type"] in ("agent-unreachable", "rpc-timeout")
     # and while it is gone, new requests fail fast with a problem body too
     started = loop.time()
     status, body = await gw.execute(kernel_id, "print(1)")
-    assert status in (404, 500) and body["type"].startswith(PROBLEM)
+    assert status in (404, 503) and body["type"].startswith(PROBLEM)
     assert loop.time() - started < 5
     # the sweeper settles its kernels LOST and gives the quota back
     async def settled() -> bool:

@@ -32,17 +32,17 @@ async def create_kernel(env, access_key, lang="bash", token=None):
     try:
         inst = await env.registry.schedule(lang, access_key)
     except InstanceNotAvailable:
-        await env.registry.settle_kernel(kernel_id, "ERROR", "instance-not-available")
+        await env.settle(kernel_id, "ERROR", "instance-not-available")
         raise
     try:
         reply = await env.rpc.call(inst.addr, "create_kernel",
                                    {"lang": lang, "kernel_id": kernel_id}, timeout=30)
     except AgentError:
         await env.registry.unreserve(inst.id)
-        await env.registry.settle_kernel(kernel_id, "ERROR", "kernel-creation-failed")
+        await env.settle(kernel_id, "ERROR", "kernel-creation-failed")
         raise
     now = time.time()
-    await env.registry.register_kernel(KernelRecord(
+    await env.registry.lifecycle.register(KernelRecord(
         id=kernel_id, instance_id=inst.id, addr=inst.addr, access_key=access_key, lang=lang,
         stdin_port=reply["stdin_port"], stdout_port=reply["stdout_port"], created_at=now,
         last_used=now, num_queries=0, limits=reply.get("limits", {}), last_stats={}), token)
@@ -63,7 +63,7 @@ async def test_kernel_lifecycle_with_a_real_agent(env, agent_factory):
     assert (await env.registry.get_instance(agent.instance_id)).num_kernels == 1
     # destroy (gateway path) races the agent's own kernel_terminated event
     stats = await env.rpc.call(agent.addr, "destroy_kernel", {"kernel_id": kid})
-    assert await env.registry.settle_kernel(kid, "TERMINATED", "user-requested", stats)
+    assert await env.settle(kid, "TERMINATED", "user-requested", stats)
     await asyncio.sleep(0.5)
     assert len(await env.usage_rows(kid)) == 1
     assert await env.slots_used(ak) == 0
@@ -166,7 +166,7 @@ async def test_restart_with_live_kernels_reconciles(registry_config, agent_facto
     env = await make_env(config, create_schema=False)
     try:
         await wait_for(lambda: env.registry.get_instance(agent.instance_id), timeout=10)
-        await asyncio.wait_for(env.registry._sweeper.grace_done.wait(), 10)
+        await asyncio.wait_for(env.reconciler.first_pass_done.wait(), 10)
 
         async def adopted():
             records = [await env.registry.get_kernel(k) for k in kids]

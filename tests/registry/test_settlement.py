@@ -25,7 +25,7 @@ async def test_settle_once_writes_usage_and_releases_quota(env):
     kid = await env.register(ak, "i-a", token="sess-00001", schedule=True)
     assert await env.slots_used(ak) == 1
     assert (await env.registry.get_instance("i-a")).load == 1
-    results = await asyncio.gather(*(env.registry.settle_kernel(kid, "TERMINATED",
+    results = await asyncio.gather(*(env.settle(kid, "TERMINATED",
                                                                 "user-requested", STATS)
                                      for _ in range(8)))
     assert results.count(True) == 1
@@ -40,7 +40,7 @@ async def test_settle_once_writes_usage_and_releases_quota(env):
     assert (await env.registry.get_instance("i-a")).load == 0
     assert await env.registry.claim_session(ak, "sess-00001", "python3", "new") is None
     # later paths are no-ops
-    assert not await env.registry.settle_kernel(kid, "LOST", "agent-lost")
+    assert not await env.settle(kid, "LOST", "agent-lost")
     assert (await env.kernel_row(kid)).status == "TERMINATED"
     assert await env.slots_used(ak) == 0
 
@@ -48,7 +48,7 @@ async def test_settle_once_writes_usage_and_releases_quota(env):
 async def test_error_before_registration_has_no_usage(env):
     ak = await env.create_keypair()
     kid = await env.create_kernel_row(ak)
-    assert await env.registry.settle_kernel(kid, "ERROR", "kernel-creation-failed")
+    assert await env.settle(kid, "ERROR", "kernel-creation-failed")
     assert (await env.kernel_row(kid)).status == "ERROR"
     assert await env.usage_rows(kid) == []
     assert await env.slots_used(ak) == 0
@@ -63,7 +63,7 @@ async def test_destroy_races_kernel_terminated_event(env):
         # the agent reports the end while the gateway settles its destroy
         await env.push("kernel_terminated", "i-a", kernel_id=kid, reason="user-requested",
                        stats=STATS)
-    direct = await asyncio.gather(*(env.registry.settle_kernel(kid, "TERMINATED",
+    direct = await asyncio.gather(*(env.settle(kid, "TERMINATED",
                                                                "user-requested", STATS)
                                     for kid in kids))
 
@@ -108,7 +108,7 @@ async def test_stats_events_update_last_stats(env):
     await wait_for(has_stats)
     assert not await env.redis.kernels.exists(keys.kernel("ghost"))
     # settlement without stats uses the last known ones
-    assert await env.registry.settle_kernel(kid, "LOST", "agent-lost")
+    assert await env.settle(kid, "LOST", "agent-lost")
     assert (await env.usage_rows(kid))[0].cpu_used == 1500
 
 
@@ -184,7 +184,7 @@ async def test_malformed_frames_are_dropped_and_intake_survives(env):
     await env.heartbeat("i-good")
     await wait_for(lambda: env.registry.get_instance("i-good"))
     assert [i.id for i in await env.registry.list_instances()] == ["i-good"]
-    assert env.registry._intake.dropped == len(bad)
+    assert env.intake.dropped == len(bad)
 
 
 async def test_register_after_settlement_is_refused(env):
@@ -195,7 +195,7 @@ async def test_register_after_settlement_is_refused(env):
     ak = await env.create_keypair()
     await _agent(env)
     kid = await env.create_kernel_row(ak)
-    assert await env.registry.settle_kernel(kid, "ERROR", "gone")
+    assert await env.settle(kid, "ERROR", "gone")
     from sorna_server.registry import KernelRecord
 
     await env.registry.schedule("python3", ak)
@@ -203,7 +203,7 @@ async def test_register_after_settlement_is_refused(env):
                           lang="python3", stdin_port=1, stdout_port=2, created_at=0.0,
                           last_used=0.0, num_queries=0, limits={}, last_stats={})
     with pytest.raises(RegistrationFailed) as err:
-        await env.registry.register_kernel(record, "sess-00002")
+        await env.registry.lifecycle.register(record, "sess-00002")
     assert err.value.reason == "kernel-settled"
     assert (await env.registry.get_instance("i-a")).load == 0
     assert await env.registry.get_kernel(kid) is None
