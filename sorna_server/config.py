@@ -11,6 +11,7 @@ the disk except reading the config file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tomllib
@@ -53,6 +54,8 @@ def parse_size(value: Any) -> int:
         number = float(text)
     except ValueError:
         raise ValueError(f"expected a size such as 512m, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite size such as 512m, got {value!r}")
     if number < 0:
         raise ValueError("must not be negative")
     return int(number * factor)

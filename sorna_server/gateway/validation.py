@@ -25,12 +25,16 @@ MAX_FILENAME_LENGTH = 255
 
 async def json_body(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object; an empty body is `{}`."""
-    raw = await request.read()
+    return decode_json_object(await request.read())
+
+
+def decode_json_object(raw: bytes) -> dict[str, Any]:
+    """Bytes of a JSON object (empty: `{}`); anything else is invalid-api-params."""
     if not raw.strip():
         return {}
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[...
         raise InvalidAPIParameters("The request body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise InvalidAPIParameters("The request body must be a JSON object.")
