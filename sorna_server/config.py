@@ -54,11 +54,12 @@ def parse_size(value: Any) -> int:
         number = float(text)
     except ValueError:
         raise ValueError(f"expected a size such as 512m, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"expected a finite size such as 512m, got {value!r}")
     if number < 0:
         raise ValueError("must not be negative")
-    return int(number * factor)
+    size = number * factor
+    if not math.isfinite(size):  # inf, nan, or a number too large for a float
+        raise ValueError(f"expected a finite size such as 512m, got {value!r}")
+    return int(size)
 
 
 _QUERY_SECRET = re.compile(r"(?i)([?&](?:password|passwd|pwd)=)[^&#]*")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from sorna_server.config import mask_url, parse_size
@@ -20,6 +20,9 @@ size_like = st.one_of(
 
 
 @given(size_like)
+@example("inf")  # found here: used to raise OverflowError
+@example("1.6742321987285427e+299t")  # found here: finite, but not once multiplied
+@example("nan")
 def test_sizes_parse_to_a_byte_count_or_a_value_error(value: object) -> None:
     try:
         size = parse_size(value)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
@@ -65,6 +65,8 @@ BODIES = {
 
 @given(st.sampled_from(sorted(BODIES, key=lambda model: model.__name__)).flatmap(
     lambda model: st.tuples(st.just(model), BODIES[model])))
+@example((CreateKernel, {"lang": "python3", "clientSessionToken": "abcdefghij",
+                         "limits": {"maxMem": "inf"}}))  # found here: used to be a 500
 def test_bodies_validate_or_are_a_400(case: tuple[type[BaseModel], dict]) -> None:
     model, data = case
     try:
@@ -85,6 +87,7 @@ def test_bodies_validate_or_are_a_400(case: tuple[type[BaseModel], dict]) -> Non
     st.integers(1, 50_000).map(lambda depth: b"[" * depth + b"]" * depth),
     st.integers(1, 50_000).map(lambda depth: b'{"a":' * depth + b"1" + b"}" * depth),
 ))
+@example(b"[" * 100_000)  # found here: used to raise RecursionError
 def test_body_bytes_give_an_object_or_a_400(raw: bytes) -> None:
     try:
         data = decode_json_object(raw)
