@@ -62,11 +62,14 @@ async def test_kernel_lifecycle_with_a_real_agent(env, agent_factory):
     record = await wait_for(lambda: _with_stats(env, kid), timeout=10)
     assert set(record.last_stats) == set(proto.STATS_FIELDS)
     assert (await env.registry.get_instance(agent.instance_id)).num_kernels == 1
-    # destroy (gateway path) races the agent's own kernel_terminated event
+    # destroy (gateway path) races the agent's own kernel_terminated event, which
+    # carries the same reason and stats: whichever wins, the kernel is settled once
     stats = await env.rpc.call(agent.addr, "destroy_kernel", {"kernel_id": kid})
-    assert await env.registry.settle_kernel(kid, "TERMINATED", "user-requested", stats)
+    await env.registry.settle_kernel(kid, "TERMINATED", "user-requested", stats)
     # a heartbeat after the destroy comes after the agent's kernel_terminated
     await env.heartbeats_seen(agent.instance_id, 1)
+    row = await env.kernel_row(kid)
+    assert (row.status, row.termination_reason) == ("TERMINATED", proto.REASON_DESTROYED)
     assert [(row.cpu_used, row.mem_used) for row in await env.usage_rows(kid)] == \
         [(stats["cpu_used"], stats["mem_max_bytes"] // 1024)]
     assert await env.slots_used(ak) == 0
