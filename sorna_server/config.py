@@ -11,6 +11,7 @@ the disk except reading the config file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tomllib
@@ -55,7 +56,10 @@ def parse_size(value: Any) -> int:
         raise ValueError(f"expected a size such as 512m, got {value!r}") from None
     if number < 0:
         raise ValueError("must not be negative")
-    return int(number * factor)
+    size = number * factor
+    if not math.isfinite(size):  # inf, nan, or a number too large for a float
+        raise ValueError(f"expected a finite size such as 512m, got {value!r}")
+    return int(size)
 
 
 _QUERY_SECRET = re.compile(r"(?i)([?&](?:password|passwd|pwd)=)[^&#]*")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +36,14 @@ from tests.helpers import (
     pg_admin,
     ping_agent,
 )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`@pytest.mark.needs_gcc` (gcc) or `@pytest.mark.needs_gcc("g++")`: skip without it."""
+    for marker in item.iter_markers("needs_gcc"):
+        missing = [tool for tool in (marker.args or ("gcc",)) if shutil.which(tool) is None]
+        if missing:
+            pytest.skip(f"{', '.join(missing)} is not installed")
 
 
 @pytest.fixture

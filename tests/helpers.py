@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import inspect
 import itertools
 import json
 import os
@@ -29,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import redis as sync_redis
 import sqlalchemy as sa
 import zmq
@@ -67,10 +69,12 @@ def free_port() -> int:
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0,
                    interval: float = 0.05) -> Any:
-    """Poll an async predicate until it returns something truthy (or fail the test)."""
+    """Poll a predicate (plain or async) until it returns something truthy (or fail the test)."""
     deadline = time.monotonic() + timeout
     while True:
-        value = await predicate()
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:
@@ -196,6 +200,39 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
         return False
 
 
+def is_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def processes_matching(match: Callable[[psutil.Process], bool]) -> list[int]:
+    """Pids of the live (non-zombie) processes for which `match` is true."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if match(proc) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def wait_processes_gone(pids: Iterable[int], timeout: float = 15.0) -> None:
+    """Poll until none of `pids` is alive (zombies count as gone); fail the test otherwise."""
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while True:
+        alive = [pid for pid in alive if is_alive(pid)]
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still alive {timeout} s later: {alive}")
+        time.sleep(0.05)
+
+
 def ping_agent(addr: str, timeout: float) -> bool:
     from sorna_server import agent_protocol as proto
     ctx = zmq.Context.instance()
@@ -279,6 +316,19 @@ class Harness:
 
     def close(self) -> None:
         self.dealer.close(0)
+
+
+def kernel_process_filter(harness: Harness, kernel_id: str) -> Callable[[psutil.Process], bool]:
+    """Recognise the processes of a python kernel, forked children included.
+
+    Forked children keep the runner's command line, so argv cannot tell them
+    apart.  When the agent gives each kernel its own uid (as root) the uid does;
+    otherwise (no uid switch, hence no PID namespace) the process group does."""
+    result = harness.query(kernel_id, "import os\nprint(os.getuid(), os.getpgid(0))")
+    uid, pgid = (int(part) for part in stdout_of(result).split())
+    if uid != os.getuid():
+        return lambda proc: proc.uids().real == uid
+    return lambda proc: os.getpgid(proc.pid) == pgid
 
 
 def stdout_of(result: dict) -> str:
@@ -431,6 +481,7 @@ class RegistryEnv:
     intake: Any = None    # registry.intake.EventIntake, when started
     sweeper: Any = None   # registry.sweeper.Sweeper, when started
     reconciler: Any = None  # registry.reconciler.Reconciler, when started
+    pushed: int = 0  # frames this env sent to the intake
 
     async def settle(self, kernel_id: str, status: str, reason: str,
                      stats: dict | None = None, path: str = "destroy") -> bool:
@@ -438,10 +489,37 @@ class RegistryEnv:
                                                     path=path)
 
     async def push(self, event_type: str, instance_id: str, **fields: Any) -> None:
-        await self.pusher.send(proto.encode_event(event_type, instance_id, **fields))
+        await self.push_raw(proto.encode_event(event_type, instance_id, **fields))
 
     async def push_raw(self, frame: bytes) -> None:
         await self.pusher.send(frame)
+        self.pushed += 1
+
+    async def idle(self, timeout: float = 15.0) -> None:
+        """Wait until the intake has handled every frame this env pushed and the
+        background work they started (settlements, revivals) has finished: after
+        this, whatever the events were going to do is done."""
+        intake = self.intake
+        assert intake is not None, "the environment was made without its intake"
+
+        def quiet() -> bool:
+            return intake.handled >= self.pushed and not intake.pending
+        await wait_for(quiet, timeout)
+
+    async def heartbeats_seen(self, instance_id: str, count: int = 2,
+                              timeout: float = 15.0) -> None:
+        """Wait until `count` more heartbeats of an agent were recorded, then until
+        the registry's background work (what they started) has finished."""
+        seen: list[float] = []
+
+        async def recorded() -> bool:
+            instance = await self.registry.get_instance(instance_id)
+            if instance is not None and (not seen or instance.last_heartbeat > seen[-1]):
+                seen.append(instance.last_heartbeat)
+            return len(seen) > count
+        await wait_for(recorded, timeout, interval=0.02)
+        if self.intake is not None:
+            await wait_for(lambda: not self.intake.pending, timeout)
 
     async def heartbeat(self, instance_id: str, running: list[str] | tuple = (), *,
                         interval: float | None = None, **info_args: Any) -> None:

@@ -32,11 +32,16 @@ async def json_body(request: web.Request) -> dict[str, Any]:
         if request.content_type.startswith("multipart/"):
             raise InvalidAPIParameters("This request takes a JSON body, not a multipart one.")
         raw = await request.read()
+    return decode_json_object(raw)
+
+
+def decode_json_object(raw: bytes) -> dict[str, Any]:
+    """Bytes of a JSON object (empty: `{}`); anything else is invalid-api-params."""
     if not raw.strip():
         return {}
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[...
         raise InvalidAPIParameters("The request body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise InvalidAPIParameters("The request body must be a JSON object.")

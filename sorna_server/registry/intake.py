@@ -100,6 +100,11 @@ class EventIntake:
                 task.cancel()
             await asyncio.gather(*still, return_exceptions=True)
 
+    @property
+    def pending(self) -> int:
+        """Event handlers still running in the background (settlements, revivals)."""
+        return len(self._tasks)
+
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         """Run background work (settlement, revival...) tracked for shutdown."""
         task = asyncio.create_task(coro, name=name)

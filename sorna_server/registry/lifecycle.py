@@ -269,6 +269,10 @@ class KernelLifecycle:
         if instance_id is not None and (row is None or (row.status not in LIVE_STATUSES
                                                         and row.agent not in (None, instance_id))):
             await self.clean_up(kernel_id, instance_id, None)  # a phantom entry there
+        if not won and instance_id is not None and row is not None \
+                and row.status in LIVE_STATUSES and row.agent not in (None, instance_id):
+            log.warning("ignored end of kernel %s reported by %s (it runs on %s)",
+                        kernel_id, instance_id, row.agent)
         if won:
             assert row is not None
             log.info("kernel %s settled %s (%s, by %s)", kernel_id, status, reason, path)

@@ -1,14 +1,10 @@
 """Catalogue data beyond python3/bash: the `python` alias and compiled C/C++ kernels."""
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from sorna_agent.languages import CatalogueError, load_catalogue
 from tests.helpers import pty_exchange, stderr_of, stdout_of
-
-needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
 
 HELLO_C = b"""#include <stdio.h>
 #include <unistd.h>
@@ -53,7 +49,7 @@ def test_language_left_out_when_its_tool_is_missing(tmp_path):
     assert load_catalogue(path) == {}
 
 
-@needs_gcc
+@pytest.mark.needs_gcc
 def test_c_batch_builds_then_runs_as_the_kernel_user(harness):
     kernel_id = harness.create("c")
     harness.ok("upload_file", kernel_id=kernel_id, name="main.c", data=HELLO_C)
@@ -69,7 +65,7 @@ def test_c_batch_builds_then_runs_as_the_kernel_user(harness):
     assert stdout_of(result) == "HELLO FROM C, 42, UID OTHER\n"
 
 
-@needs_gcc
+@pytest.mark.needs_gcc
 def test_c_compile_error_is_reported(harness):
     kernel_id = harness.create("c")
     harness.ok("upload_file", kernel_id=kernel_id, name="main.c",
@@ -80,7 +76,7 @@ def test_c_compile_error_is_reported(harness):
     assert "[build failed with exit code 1]" in stderr_of(result)
 
 
-@needs_gcc
+@pytest.mark.needs_gcc
 def test_c_query_is_a_whole_program(harness):
     kernel_id = harness.create("c")
     harness.ok("upload_file", kernel_id=kernel_id, name="data.txt", data=b"from a file\n")
@@ -101,14 +97,14 @@ def test_c_query_is_a_whole_program(harness):
     assert stdout_of(_batch(harness, kernel_id, build="*", exec="*")) == "batch\n"
 
 
-@needs_gcc
+@pytest.mark.needs_gcc
 def test_c_terminal_is_a_shell_in_the_kernel_folder(harness):
     created = harness.ok("create_kernel", lang="c")
     harness.ok("upload_file", kernel_id=created["kernel_id"], name="main.c", data=HELLO_C)
     pty_exchange(harness, created, b"ls *.c && echo listed-$((6*7))\n", b"listed-42")
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
+@pytest.mark.needs_gcc("g++")
 def test_cpp_query(harness):
     kernel_id = harness.create("cpp")
     code = '#include <iostream>\nint main() { std::cout << "c++ " << 6 * 7 << std::endl; }\n'

@@ -12,9 +12,9 @@ import pytest
 from sorna_cli.dbshell import shell_command
 from sorna_cli.main import COMMANDS
 from sorna_server.config import load_config
+from tests.helpers import PG_URL
 
 FOUNDATION_COMMANDS = ["dbshell", "fixture", "keypair", "schema"]
-PG_URL = os.environ.get("SORNA_TEST_DB_URL")
 
 
 def run_sorna(*args: str, env: dict[str, str] | None = None,

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 
 from sorna_server import schema
@@ -13,7 +14,9 @@ from sorna_server.config import load_config
 from sorna_server.db.engine import open_database
 from sorna_server.db.models import metadata
 
-HEAD = schema.history(load_config())[0]["revision"]
+# The newest revision, read from the shipped scripts alone (no settings are loaded at
+# import time, so a developer's sorna.toml or SORNA_* variables cannot break collection).
+HEAD = ScriptDirectory(str(schema.migrations_dir())).get_current_head()
 TABLES = ["kernels", "keypairs", "usage"]
 
 
@@ -44,7 +47,9 @@ async def test_oneshot_matches_models(db_url: str) -> None:
 
 def test_single_head_and_history(sorna) -> None:
     revisions = sorna.json("schema", "history")
+    assert HEAD is not None
     assert [r["revision"] for r in revisions if r["is_head"]] == [HEAD]
+    assert revisions[0]["revision"] == schema.history(load_config())[0]["revision"] == HEAD
     assert revisions[-1]["down_revision"] is None
     assert all(r["description"] for r in revisions)
 

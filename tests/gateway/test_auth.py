@@ -181,6 +181,10 @@ async def test_malformed_bodies_are_400_never_500(gateway_factory):
                     "mounts": "notalist"}).encode(),
         json.dumps({"lang": "../etc", "clientSessionToken": "abcdefghij"}).encode(),
         b"\xff\xfe\x00",
+        # found by the property tests: these used to be 500s
+        json.dumps({"lang": "python3", "clientSessionToken": "abcdefghij",
+                    "limits": {"maxMem": "inf"}}).encode(),
+        b"[" * 100_000 + b"]" * 100_000,
     ]
     for raw in cases:
         status, headers, body = await gw.request("POST", "/v2/kernel/create", raw=raw)

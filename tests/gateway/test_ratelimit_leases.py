@@ -7,8 +7,9 @@ import redis.asyncio as aioredis
 
 from sorna_server import redis_keys
 from sorna_server.gateway.ratelimit import MAX_LEASE, RateLimiter
+from tests.helpers import TEST_REDIS_DBS
 
-RATELIMIT_DB = 14  # tests/helpers.py TEST_REDIS_DBS
+RATELIMIT_DB = TEST_REDIS_DBS["redis_db_ratelimit"]  # flushed by the redis_url fixture
 
 
 async def test_leases_never_over_admit_across_two_gateways(redis_url):

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.helpers import EXAMPLE_ACCESS, EXAMPLE_SECRET, stop_process
+from tests.helpers import EXAMPLE_ACCESS, EXAMPLE_SECRET, stdout_of, stop_process
 
 
 class ServeProcess:
@@ -42,8 +42,15 @@ class ServeProcess:
                 return match.group(1)
             if self.proc.poll() is not None:
                 raise AssertionError(f"serve exited {self.proc.returncode}:\n{self.log()}")
-            time.sleep(0.2)
+            time.sleep(0.05)
         raise AssertionError(f"serve did not get ready:\n{self.log()}")
+
+    def wait_log(self, text: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} in the log:\n{self.log()}")
+            time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if not stop_process(self.proc, sig, timeout):
@@ -104,10 +111,6 @@ KERNEL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def stdout_text(result: dict) -> str:
-    return "".join(data for kind, data in result["console"] if kind == "stdout")
-
-
 def test_standalone_from_an_empty_folder_with_sorna_client(serve):
     server, ports = serve("--standalone")
     endpoint = server.wait_ready()
@@ -125,18 +128,12 @@ def test_standalone_from_an_empty_folder_with_sorna_client(serve):
     assert run.stdout.splitlines() == ["1"], (run.stdout, run.stderr)
     assert "Traceback" not in run.stderr
 
-    # its console scripts: `lpython` runs language "python", `lcc` builds and runs C files
+    # its console script `lpython` runs language "python" (`lcc`: see the next test)
     scripts = Path(sys.executable).parent
     lpython = subprocess.run([str(scripts / "lpython"), "-q", "-c", "print(6 * 7)"],
                              env=client_env(endpoint), capture_output=True, text=True,
                              timeout=60, cwd=server.cwd)
     assert lpython.stdout.splitlines() == ["42"], (lpython.stdout, lpython.stderr)
-    (server.cwd / "hello.c").write_text(
-        '#include <stdio.h>\nint main(void) { printf("hello %d\\n", 6 * 7); return 0; }\n')
-    lcc = subprocess.run([str(scripts / "lcc"), "hello.c", "-q"], env=client_env(endpoint),
-                         capture_output=True, text=True, timeout=90, cwd=server.cwd)
-    assert "hello 42" in lcc.stdout, (lcc.stdout, lcc.stderr)
-    assert "Traceback" not in lcc.stdout + lcc.stderr
 
     # its Kernel class, unchanged
     (server.cwd / "main.py").write_text("print('batch', sum(range(5)))\n")
@@ -145,13 +142,13 @@ def test_standalone_from_an_empty_folder_with_sorna_client(serve):
     assert script.returncode == 0, script.stderr
     out = json.loads(script.stdout)
     assert out["same"] is True
-    assert stdout_text(out["query"]) == "42\n"
+    assert stdout_of(out["query"]) == "42\n"
     assert out["input"]["status"] == "waiting-input"
-    assert "hi sorna" in stdout_text(out["input_answer"])
+    assert "hi sorna" in stdout_of(out["input_answer"])
     assert out["info"]["lang"] == "python3" and out["info"]["numQueriesExecuted"] >= 2
-    assert stdout_text(out["after_restart"]) == "False\n"
+    assert stdout_of(out["after_restart"]) == "False\n"
     assert out["upload_status"] == 204
-    assert "batch 10" in stdout_text(out["batch"])
+    assert "batch 10" in stdout_of(out["batch"])
     assert "404" in out["after_destroy"] and "kernel-not-found" in out["after_destroy"]
 
     # headers every response carries
@@ -166,6 +163,21 @@ def test_standalone_from_an_empty_folder_with_sorna_client(serve):
     assert "gateway stopped" in log
     with pytest.raises(requests.ConnectionError):
         requests.get(endpoint + "/v2", timeout=2)
+
+
+@pytest.mark.needs_gcc
+def test_lcc_builds_and_runs_c_files(serve):
+    """The client's `lcc` script uploads C files; the agent builds them with gcc."""
+    server, _ = serve("--standalone", name="lcc")
+    endpoint = server.wait_ready()
+    (server.cwd / "hello.c").write_text(
+        '#include <stdio.h>\nint main(void) { printf("hello %d\\n", 6 * 7); return 0; }\n')
+    lcc = subprocess.run([str(Path(sys.executable).parent / "lcc"), "hello.c", "-q"],
+                         env=client_env(endpoint), capture_output=True, text=True, timeout=90,
+                         cwd=server.cwd)
+    assert "hello 42" in lcc.stdout, (lcc.stdout, lcc.stderr)
+    assert "Traceback" not in lcc.stdout + lcc.stderr
+    assert server.stop() == 0
 
 
 def test_workers_share_the_port_and_a_second_signal_forces_exit(serve):
@@ -183,7 +195,7 @@ def test_workers_share_the_port_and_a_second_signal_forces_exit(serve):
     assert len(set(re.findall(r"\[(w\d)\] sorna\.access", log))) == 2, log
     assert log.count("legacy ZMQ interface listening") == 1  # only worker 0 binds ZMQ
     server.proc.send_signal(signal.SIGINT)
-    time.sleep(0.3)
+    server.wait_log("received SIGINT: shutting down")
     started = time.monotonic()
     code = server.stop(signal.SIGINT, timeout=20)
     assert code != 0

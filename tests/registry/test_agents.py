@@ -14,7 +14,8 @@ import pytest
 from sorna_server import agent_protocol as proto
 from sorna_server.agent_client import AgentError
 from sorna_server.registry import InstanceNotAvailable, KernelRecord
-from tests.helpers import REGISTRY_REDIS_DBS, close_env, make_env, wait_for
+from sorna_server.registry.sweeper import sweep_once
+from tests.helpers import REGISTRY_REDIS_DBS, close_env, flush_redis_dbs, make_env, wait_for
 
 AGENT_FLAGS = {"heartbeat_interval": 0.5, "pool_size": 0, "stats_interval": 0.5}
 
@@ -56,16 +57,21 @@ async def test_kernel_lifecycle_with_a_real_agent(env, agent_factory):
     assert inst.addr == agent.addr and "bash" in inst.languages and inst.max_kernels == 4
     kid, _ = await create_kernel(env, ak, token="tok-life-1")
     # heartbeats keep the kernel (it is in running_kernels) and stats arrive
-    await asyncio.sleep(1.5)
+    await env.heartbeats_seen(agent.instance_id, 3)
     assert (await env.kernel_row(kid)).status == "RUNNING"
     record = await wait_for(lambda: _with_stats(env, kid), timeout=10)
-    assert "cpu_used" in record.last_stats
+    assert set(record.last_stats) == set(proto.STATS_FIELDS)
     assert (await env.registry.get_instance(agent.instance_id)).num_kernels == 1
-    # destroy (gateway path) races the agent's own kernel_terminated event
+    # destroy (gateway path) races the agent's own kernel_terminated event, which
+    # carries the same reason and stats: whichever wins, the kernel is settled once
     stats = await env.rpc.call(agent.addr, "destroy_kernel", {"kernel_id": kid})
-    assert await env.settle(kid, "TERMINATED", "user-requested", stats)
-    await asyncio.sleep(0.5)
-    assert len(await env.usage_rows(kid)) == 1
+    await env.settle(kid, "TERMINATED", "user-requested", stats)
+    # a heartbeat after the destroy comes after the agent's kernel_terminated
+    await env.heartbeats_seen(agent.instance_id, 1)
+    row = await env.kernel_row(kid)
+    assert (row.status, row.termination_reason) == ("TERMINATED", proto.REASON_DESTROYED)
+    assert [(row.cpu_used, row.mem_used) for row in await env.usage_rows(kid)] == \
+        [(stats["cpu_used"], stats["mem_max_bytes"] // 1024)]
     assert await env.slots_used(ak) == 0
     assert (await env.registry.get_instance(agent.instance_id)).load == 0
 
@@ -90,7 +96,9 @@ async def test_sigkill_agent_is_lost_and_settled_once(env, agent_factory):
     async def settled():
         return all([(await env.kernel_row(k)).status == "LOST" for k in kids])
     await wait_for(settled, timeout=10)
-    await asyncio.sleep(1.0)  # more sweeps: nothing is settled twice
+    # more sweeps settle nothing twice
+    for _ in range(2):
+        assert await sweep_once(env.registry, claim=False) in ({}, {agent.instance_id: 0})
     for kid in kids:
         assert len(await env.usage_rows(kid)) == 1
         assert (await env.kernel_row(kid)).termination_reason == proto.REASON_LOST
@@ -138,7 +146,7 @@ async def test_drain_with_real_agents(env, agent_factory):
     other = b if inst.id == a.instance_id else a
     for _ in range(3):
         assert (await create_kernel(env, ak))[1].id == other.instance_id
-    await asyncio.sleep(1.2)  # heartbeats from the drained agent keep it draining
+    await env.heartbeats_seen(inst.id, 2)  # heartbeats from the drained agent keep it draining
     drained = await env.registry.get_instance(inst.id)
     assert drained.status == "draining" and drained.load == 1
     assert (await env.kernel_row(kid)).status == "RUNNING"
@@ -158,11 +166,7 @@ async def test_restart_with_live_kernels_reconciles(registry_config, agent_facto
         orphan = (await env.rpc.call(agent.addr, "create_kernel", {"lang": "bash"}))["kernel_id"]
     finally:
         await close_env(env)
-    for client_db in list(REGISTRY_REDIS_DBS.values())[:3]:
-        import redis as sync_redis
-        client = sync_redis.Redis.from_url(config.explicit_redis_url, db=client_db)
-        client.flushdb()
-        client.close()
+    flush_redis_dbs(config.explicit_redis_url, list(REGISTRY_REDIS_DBS.values())[:3])
     env = await make_env(config, create_schema=False)
     try:
         await wait_for(lambda: env.registry.get_instance(agent.instance_id), timeout=10)
@@ -182,7 +186,7 @@ async def test_restart_with_live_kernels_reconciles(registry_config, agent_facto
             return orphan not in await env.rpc.call(agent.addr, "list_kernels")
         await wait_for(orphan_gone, timeout=10)
         assert set(await env.rpc.call(agent.addr, "list_kernels")) == set(kids)
-        await asyncio.sleep(1.0)
+        await env.heartbeats_seen(agent.instance_id, 3)  # the adopted kernels stay
         assert all([(await env.kernel_row(k)).status == "RUNNING" for k in kids])
         assert await env.usage_rows(kids[0]) == []
     finally:

@@ -28,7 +28,7 @@ async def test_settle_once_writes_usage_and_releases_quota(env):
     results = await asyncio.gather(*(env.settle(kid, "TERMINATED",
                                                                 "user-requested", STATS)
                                      for _ in range(8)))
-    assert results.count(True) == 1
+    assert sorted(results) == [False] * 7 + [True]
     row = await env.kernel_row(kid)
     assert row.status == "TERMINATED" and row.termination_reason == "user-requested"
     usage = await env.usage_rows(kid)
@@ -54,6 +54,11 @@ async def test_error_before_registration_has_no_usage(env):
     assert await env.slots_used(ak) == 0
 
 
+# What the agent reports differs from what the gateway's destroy settles with, so
+# the recorded row tells which path won.
+EVENT_STATS = {**STATS, "cpu_used": 2500}
+
+
 async def test_destroy_races_kernel_terminated_event(env):
     ak = await env.create_keypair()
     await _agent(env)
@@ -61,32 +66,35 @@ async def test_destroy_races_kernel_terminated_event(env):
     assert await env.slots_used(ak) == 5
     for kid in kids:
         # the agent reports the end while the gateway settles its destroy
-        await env.push("kernel_terminated", "i-a", kernel_id=kid, reason="user-requested",
-                       stats=STATS)
+        await env.push("kernel_terminated", "i-a", kernel_id=kid, reason="self-terminated",
+                       stats=EVENT_STATS)
     direct = await asyncio.gather(*(env.settle(kid, "TERMINATED",
                                                                "user-requested", STATS)
                                     for kid in kids))
-
-    async def all_gone():
-        rows = [await env.kernel_row(k) for k in kids]
-        return all(r.status == "TERMINATED" for r in rows)
-    await wait_for(all_gone)
-    await asyncio.sleep(0.2)  # let the event path finish its (no-op) settlement
-    for kid in kids:
-        assert len(await env.usage_rows(kid)) == 1
+    assert all(isinstance(won, bool) for won in direct)
+    await env.idle()  # the event path finished its settlements (or no-ops) too
+    for kid, won_directly in zip(kids, direct, strict=True):
+        row = await env.kernel_row(kid)
+        usage = await env.usage_rows(kid)
+        assert row.status == "TERMINATED"
+        assert len(usage) == 1
+        if won_directly:
+            assert (row.termination_reason, usage[0].cpu_used) == ("user-requested", 1500)
+        else:
+            assert (row.termination_reason, usage[0].cpu_used) == ("self-terminated", 2500)
     assert await env.slots_used(ak) == 0
     assert (await env.registry.get_instance("i-a")).load == 0
-    assert len(direct) == 5
 
 
-async def test_kernel_terminated_from_another_agent_is_ignored(env):
+async def test_kernel_terminated_from_another_agent_is_ignored(env, caplog):
     ak = await env.create_keypair()
     await _agent(env, "i-a")
     await _agent(env, "i-b")
     kid = await env.register(ak, "i-a")
     await env.push("kernel_terminated", "i-b", kernel_id=kid, reason="self-terminated")
     await env.push("kernel_terminated", "i-a", kernel_id="unknown-kernel", reason="x")
-    await asyncio.sleep(0.3)
+    await env.idle()
+    assert f"ignored end of kernel {kid} reported by i-b (it runs on i-a)" in caplog.text
     assert (await env.kernel_row(kid)).status == "RUNNING"
     await env.push("kernel_terminated", "i-a", kernel_id=kid, reason="self-terminated")
 
@@ -112,7 +120,7 @@ async def test_stats_events_update_last_stats(env):
     assert (await env.usage_rows(kid))[0].cpu_used == 1500
 
 
-async def test_lost_agent_settles_kernels_then_revives(env):
+async def test_lost_agent_settles_kernels_then_revives(env, caplog):
     ak = await env.create_keypair()
     await _agent(env, "i-a", max_kernels=2)
     kids = [await env.register(ak, "i-a", schedule=True) for _ in range(2)]
@@ -128,14 +136,17 @@ async def test_lost_agent_settles_kernels_then_revives(env):
         return all(r.status == "LOST" for r in rows)
     await wait_for(settled)
     for kid in kids:
-        assert len(await env.usage_rows(kid)) == 1
+        assert [(row.kernel_id, row.cpu_used) for row in await env.usage_rows(kid)] == \
+            [(kid, 0)]  # no stats ever arrived
+        assert (await env.kernel_row(kid)).termination_reason == proto.REASON_LOST
         assert await env.registry.get_kernel(kid) is None
     assert await env.slots_used(ak) == 0
     assert "i-a" not in await env.redis.instances.smembers(keys.SCHED_LIVE)
     # a heartbeat from the lost agent: the registry tries to reset it (the fake
     # address does not answer, so it stays lost until the reset succeeds)
     await env.heartbeat("i-a", max_kernels=2)
-    await asyncio.sleep(0.3)
+    await env.idle()
+    assert "lost agent i-a is back but reset failed" in caplog.text
     assert (await env.registry.get_instance("i-a")).status == "lost"
 
 
@@ -144,13 +155,11 @@ async def test_vanished_kernel_is_settled_after_two_heartbeats(env):
     await _agent(env)
     keep = await env.register(ak, "i-a")
     gone = await env.register(ak, "i-a")
-    for _ in range(4):
-        await env.heartbeat("i-a", [keep])
-        await asyncio.sleep(0.3)
-
     async def settled():
+        await env.heartbeat("i-a", [keep])  # a live agent that no longer lists `gone`
+        await env.idle()
         return (await env.kernel_row(gone)).status == "LOST"
-    await wait_for(settled)
+    await wait_for(settled, interval=0.3)
     assert (await env.kernel_row(gone)).termination_reason == "vanished-from-agent"
     assert (await env.kernel_row(keep)).status == "RUNNING"
     assert await env.slots_used(ak) == 1
