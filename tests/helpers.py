@@ -253,6 +253,7 @@ EXAMPLE_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 OTHER_ACCESS = "AKIAOTHERKEY00000001"
 OTHER_SECRET = "otherSecretKey0123456789abcdefghijklmnop"
 VERSION = "v2.20170315"
+VERSION_HEADERS = {"X-Sorna-Version": VERSION}
 PROBLEM = "https://api.sorna.io/probs/"
 
 def client_signature(method: str, path: str, date: str, host: str, content_type: str,

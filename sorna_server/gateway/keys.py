@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .auth import Keypair, KeypairCache
     from .kernels import KernelService
     from .ratelimit import RateLimiter, RateLimitState
+    from .routing import ServedRoutes
     from .usage import KeypairActivity
 
 CONFIG: web.AppKey[SornaConfig] = web.AppKey("config")
@@ -30,6 +31,10 @@ RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
 ACTIVITY: web.AppKey[KeypairActivity] = web.AppKey("activity")
 KERNELS: web.AppKey[KernelService] = web.AppKey("kernels")
 WEBSOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")
+ROUTES: web.AppKey[ServedRoutes] = web.AppKey("routes")
+"""The route table this application serves (the OpenAPI document is made from it)."""
+GATEWAY: web.AppKey[web.Application] = web.AppKey("gateway", web.Application)
+"""In the separate metrics application (`metrics_addr`): the gateway it reports on."""
 
 # --- per-request values (set by the middlewares) -----------------------------
 API_MAJOR: web.RequestKey[str] = web.RequestKey("api_major", str)
@@ -39,3 +44,7 @@ METHOD: web.RequestKey[str] = web.RequestKey("method", str)
 KEYPAIR: web.RequestKey[Keypair] = web.RequestKey("keypair")
 ACCESS_KEY: web.RequestKey[str] = web.RequestKey("access_key", str)
 RATE_LIMIT: web.RequestKey[RateLimitState] = web.RequestKey("rate_limit")
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
+"""The request's X-Request-ID (the client's, or a generated one)."""
+STARTED: web.RequestKey[float] = web.RequestKey("started", float)
+"""time.perf_counter() when the gateway began to handle the request."""

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.helpers import EXAMPLE_ACCESS, EXAMPLE_SECRET, stop_process
+from tests.helpers import EXAMPLE_ACCESS, EXAMPLE_SECRET, VERSION_HEADERS, stop_process
 
 
 class ServeProcess:
@@ -155,7 +155,7 @@ def test_standalone_from_an_empty_folder_with_sorna_client(serve):
     assert "404" in out["after_destroy"] and "kernel-not-found" in out["after_destroy"]
 
     # headers every response carries
-    resp = requests.get(endpoint + "/v2", timeout=10)
+    resp = requests.get(endpoint + "/v2", headers=VERSION_HEADERS, timeout=10)
     assert resp.headers["Server"].startswith("Sorna-API/")
     assert resp.headers["X-RateLimit-Limit"]
 
@@ -165,7 +165,7 @@ def test_standalone_from_an_empty_folder_with_sorna_client(serve):
     assert re.search(r"GET /v2 200 [\d.]+ms -", log)
     assert "gateway stopped" in log
     with pytest.raises(requests.ConnectionError):
-        requests.get(endpoint + "/v2", timeout=2)
+        requests.get(endpoint + "/v2", headers=VERSION_HEADERS, timeout=2)
 
 
 def test_workers_share_the_port_and_a_second_signal_forces_exit(serve):
@@ -173,7 +173,8 @@ def test_workers_share_the_port_and_a_second_signal_forces_exit(serve):
     endpoint = server.wait_ready()
     for _ in range(30):  # fresh connections spread over both workers
         with requests.Session() as session:
-            assert session.get(endpoint + "/v2", timeout=10).status_code == 200
+            resp = session.get(endpoint + "/v2", headers=VERSION_HEADERS, timeout=10)
+            assert resp.status_code == 200
     run = subprocess.run([sys.executable, "-m", "sorna.cli", "run", "python3", "-c",
                           "print(6*7)"], env=client_env(endpoint), capture_output=True,
                          text=True, timeout=60, cwd=server.cwd)
@@ -204,10 +205,11 @@ def test_https_and_registry_cli_beside_a_standalone_server(serve, tmp_path):
                           str(key_file), name="tls")
     endpoint = server.wait_ready()
     assert endpoint == f"https://127.0.0.1:{ports['port']}"
-    resp = requests.get(endpoint + "/v2", timeout=10, verify=str(ca_file))
+    resp = requests.get(endpoint + "/v2", headers=VERSION_HEADERS, timeout=10, verify=str(ca_file))
     assert resp.status_code == 200 and resp.json()["version"].startswith("v")
     with pytest.raises(requests.exceptions.SSLError):
-        requests.get(endpoint + "/v2", timeout=10)  # not trusted without the CA
+        # not trusted without the CA
+        requests.get(endpoint + "/v2", headers=VERSION_HEADERS, timeout=10)
 
     env = {**client_env(endpoint), "REQUESTS_CA_BUNDLE": str(ca_file)}
     run = subprocess.run([sys.executable, "-m", "sorna.cli", "run", "python3", "-c",
