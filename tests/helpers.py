@@ -2,7 +2,8 @@
 or `from tests.helpers import ...`); fixtures stay in the conftest files.
 
 - real-service plumbing: free ports, polling, stopping processes, flushing Redis,
-  PostgreSQL admin statements;
+  PostgreSQL admin statements, a private redis-server (`PrivateRedis`) and
+  `sorna serve` as a real process (`ServeProcess`);
 - the reference agent as a child process (`AgentProcess`) and a manager-side
   harness that talks to it over the agent protocol (`Harness`);
 - API signing exactly as the historic client does, and a signed test client
@@ -18,9 +19,11 @@ import hmac
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -47,7 +50,7 @@ from sorna_server.db.engine import create_engine
 from sorna_server.db.models import kernels, keypairs, metadata, usage
 from sorna_server.fixture_loader import populate
 from sorna_server.gateway import keys
-from sorna_server.redis_conn import RedisClients
+from sorna_server.redis_conn import RedisClients, redis_server_binary
 from sorna_server.registry import KernelRecord, Registry
 from sorna_server.schema import ensure_schema
 
@@ -98,6 +101,67 @@ def flush_redis_dbs(url: str, dbs: Iterable[int]) -> None:
             client.flushdb()
         finally:
             client.close()
+
+class PrivateRedis:
+    def __init__(self, port: int, workdir: Path):
+        self.port = port
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [str(redis_server_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if sync_redis.Redis(port=self.port, socket_connect_timeout=0.2).ping():
+                    return
+            except sync_redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class ServeProcess:
+    """`sorna ARGS...` (a server) as a real process in `cwd`; its stderr goes to a log file."""
+
+    def __init__(self, cwd: Path, args: list[str], env: dict[str, str] | None = None):
+        self.cwd = cwd
+        self.log_path = cwd.parent / f"serve-{cwd.name}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sorna_cli", *args], cwd=cwd,
+            stdout=subprocess.DEVNULL, stderr=self.log_path.open("wb"),
+            env={**os.environ, **(env or {})})
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(r"listening on (https?://[^\s)]+)", self.log())
+            if match and "press Ctrl-C" in self.log():
+                return match.group(1)
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.2)
+        raise AssertionError(f"serve did not get ready:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if not stop_process(self.proc, sig, timeout):
+            raise AssertionError(f"serve did not stop within {timeout} s:\n{self.log()}")
+        return self.proc.returncode
+
 
 class AgentProcess:
     """A reference agent (`sorna agent`) running as a real child process."""

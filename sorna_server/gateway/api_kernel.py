@@ -9,6 +9,7 @@ import time
 from urllib.parse import unquote
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .. import agent_protocol as proto
 from .. import metrics
@@ -140,7 +141,8 @@ async def upload(request: web.Request) -> web.Response:
             # aiohttp clients percent-encode file names, requests sends them raw
             name = sanitize_filename(unquote(part.filename))
             files.append((name, await _read_limited(part, name, limit)))
-    except (ValueError, AssertionError) as exc:  # malformed multipart framing
+    except (ValueError, AssertionError, HttpProcessingError) as exc:  # malformed framing
+        # (HttpProcessingError: a part's headers that are not valid HTTP headers)
         raise InvalidAPIParameters(f"Malformed multipart body: {exc}") from None
     if not files:
         raise InvalidAPIParameters("The upload has no files.")

@@ -10,54 +10,20 @@ permission bits do not make it unreadable, so SQLite has no outage to test.)
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import time
 import uuid
-from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
 
-from sorna_server.redis_conn import redis_server_binary
 from tests.helpers import (
     PG_URL,
     PROBLEM,
     VERSION_HEADERS,
+    PrivateRedis,
     pg_admin,
     prepare_database,
     wait_for,
 )
-
-
-class PrivateRedis:
-    def __init__(self, port: int, workdir: Path):
-        self.port = port
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [str(redis_server_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        import redis
-        while time.monotonic() < deadline:
-            try:
-                if redis.Redis(port=self.port, socket_connect_timeout=0.2).ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture

@@ -20,56 +20,11 @@ from typing import Any
 import pytest
 import requests
 
-from tests.helpers import EXAMPLE_ACCESS, EXAMPLE_SECRET, VERSION_HEADERS, stop_process
-
-
-class ServeProcess:
-    def __init__(self, cwd: Path, args: list[str]):
-        self.cwd = cwd
-        self.log_path = cwd.parent / f"serve-{cwd.name}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sorna_cli", *args], cwd=cwd,
-            stdout=subprocess.DEVNULL, stderr=self.log_path.open("wb"))
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 90) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = re.search(r"listening on (https?://[^\s)]+)", self.log())
-            if match and "press Ctrl-C" in self.log():
-                return match.group(1)
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited {self.proc.returncode}:\n{self.log()}")
-            time.sleep(0.2)
-        raise AssertionError(f"serve did not get ready:\n{self.log()}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if not stop_process(self.proc, sig, timeout):
-            raise AssertionError(f"serve did not stop within {timeout} s:\n{self.log()}")
-        return self.proc.returncode
-
-
-@pytest.fixture
-def serve(tmp_path, free_port):
-    started: list[ServeProcess] = []
-
-    def start(*extra: str, name: str = "empty") -> tuple[ServeProcess, dict[str, int]]:
-        folder = tmp_path / name
-        folder.mkdir()
-        ports = {"port": free_port(), "manager-port": free_port(),
-                 "events-port": free_port(), "agent-port": free_port()}
-        args = ["serve", "--host", "127.0.0.1", *extra]
-        for flag, port in ports.items():
-            args += [f"--{flag}", str(port)]
-        process = ServeProcess(folder, args)
-        started.append(process)
-        return process, ports
-
-    yield start
-    for process in started:  # a graceful stop also stops the embedded Redis and the agent
-        stop_process(process.proc, signal.SIGTERM, 30)
+from tests.helpers import (
+    EXAMPLE_ACCESS,
+    EXAMPLE_SECRET,
+    VERSION_HEADERS,
+)
 
 
 def client_env(endpoint: str) -> dict[str, str]:
