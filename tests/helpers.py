@@ -520,6 +520,16 @@ async def close_env(env: RegistryEnv) -> None:
 REGISTRY_REDIS_DBS = {"redis_db_kernels": 7, "redis_db_instances": 8,
                       "redis_db_sessions": 9, "redis_db_ratelimit": 10}
 
+def run_sorna(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+              python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """`python [FLAGS] -m sorna_cli ARGS` as a real process (the console entry point's path)."""
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("SORNA_") or k.startswith("SORNA_TEST_")}
+    return subprocess.run([sys.executable, *python_flags, "-m", "sorna_cli", *args],
+                          capture_output=True, text=True, env={**clean, **(env or {})}, cwd=cwd,
+                          timeout=60)
+
+
 class Sorna:
     """Call `sorna ARGS...` with CliRunner; results keep stdout and stderr apart."""
 
