@@ -13,7 +13,7 @@ import time as clock
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-from .keys import ACCESS_KEY, REQUEST_ID, STARTED
+from .keys import ACCESS_KEY, STARTED
 
 
 class RequestLog(AbstractAccessLogger):
@@ -23,7 +23,7 @@ class RequestLog(AbstractAccessLogger):
         seconds = clock.perf_counter() - started if started is not None else time
         latency_ms = round(seconds * 1000, 2)
         access_key = request.get(ACCESS_KEY, "-")
-        rid = request.get(REQUEST_ID) or response.headers.get("X-Request-ID") or "-"
+        rid = response.headers.get("X-Request-ID", "-")  # the id the response echoed
         self.logger.info("%s %s %d %.2fms %s", request.method, request.path,
                          response.status, latency_ms, access_key,
                          extra={"method": request.method, "path": request.path,

@@ -25,7 +25,7 @@ from .auth import KeypairCache, auth_middleware
 from .cors import cors_middleware
 from .errors import problem_middleware
 from .kernels import KernelService
-from .observe import REQUEST_ID_HEADER, new_request_id, observe_middleware
+from .observe import REQUEST_ID_HEADER, RequestMetrics, new_request_id, observe_middleware
 from .ratelimit import RateLimiter, rate_limit_headers, ratelimit_middleware
 from .routing import setup_routes
 from .usage import KeypairActivity
@@ -50,6 +50,7 @@ def create_app(config: SornaConfig, *, primary: bool = True) -> web.Application:
     app[keys.CONFIG] = config
     app[keys.PRIMARY] = primary
     app[keys.WEBSOCKETS] = weakref.WeakSet()
+    app[keys.REQUEST_METRICS] = RequestMetrics()
     app.cleanup_ctx.extend([_redis, _database, _rpc, _registry, _services, _legacy])
     app.on_shutdown.append(_close_websockets)
     app.on_response_prepare.append(_common_headers)
@@ -129,7 +130,10 @@ async def _close_websockets(app: web.Application) -> None:
 async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
     headers = response.headers
     headers["Server"] = SERVER_HEADER
-    headers[REQUEST_ID_HEADER] = request.get(keys.REQUEST_ID) or new_request_id()
+    try:
+        headers[REQUEST_ID_HEADER] = request[keys.REQUEST_ID]
+    except KeyError:  # not through the middlewares (cannot happen for our routes)
+        headers[REQUEST_ID_HEADER] = new_request_id()
     headers.update(rate_limit_headers(request))
     if response.status == 204:
         # The historic sync client reads Content-Length and Content-Type of every

@@ -5,10 +5,11 @@ model, response model and the problem types it may answer; `setup_routes()`
 registers it under /v1 and /v2 and `openapi.py` documents the same table, so
 the document cannot drift from what is served.
 
-Routes are registered for the methods the API uses and dispatched on the
-method after `X-Method-Override` (aiohttp resolves routes before middlewares
-run, so the override cannot change the route itself).  OPTIONS is left to the
-CORS middleware (`cors.py`); other methods answer 405 `method-not-allowed`.
+Routes are registered for any method and dispatched on the method after
+`X-Method-Override` (aiohttp resolves routes before middlewares run, so the
+override cannot change the route itself); a method a route does not serve
+answers 405 `method-not-allowed`.  CORS preflights of allowed origins are
+answered before routing matters (`cors.py`).
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ from .versioning import effective_method
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 API_PREFIXES = ("/v1", "/v2")
-ROUTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 @dataclass(frozen=True)
@@ -139,8 +139,7 @@ def MethodDispatch(handlers: dict[str, Handler], *, public: bool = False,
 
 
 def _register(app: web.Application, path: str, dispatch: Handler) -> None:
-    for method in ROUTED_METHODS:
-        app.router.add_route(method, path, dispatch)
+    app.router.add_route("*", path, dispatch)
 
 
 def ops_routes(*, metrics_here: bool) -> tuple[Route, ...]:
