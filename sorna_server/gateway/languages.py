@@ -25,6 +25,7 @@ from .responses import LanguageLimits, LanguageOffer, Languages
 LANGUAGE_INFO_FIELD = "language_info"  # instance hash field, when the registry stores it
 _LIMIT_NAMES = {"max_mem": "maxMem", "exec_timeout": "execTimeout", "max_procs": "maxProcs",
                 "max_output": "maxOutput"}
+_WHOLE_NUMBERS = {"maxMem", "maxProcs", "maxOutput"}
 
 
 @dataclass
@@ -44,8 +45,12 @@ def _described(info: dict[str, Any], name: str) -> dict[str, Any]:
 def _limits(reported: Any) -> dict[str, Any] | None:
     if not isinstance(reported, dict):
         return None
-    limits = {_LIMIT_NAMES.get(k, k): v for k, v in reported.items()
-              if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    limits: dict[str, Any] = {}
+    for key, value in reported.items():
+        if isinstance(key, str) and isinstance(value, (int, float)) \
+                and not isinstance(value, bool):
+            name = _LIMIT_NAMES.get(key, key)
+            limits[name] = int(value) if name in _WHOLE_NUMBERS else value
     return limits or None
 
 
