@@ -17,6 +17,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -277,10 +278,16 @@ def test_access_log_carries_the_request_id_in_json(live):
     resp = requests.get(live.endpoint + "/v2", headers={**VERSION_HEADERS,
                                                          "X-Request-ID": "live-trace-1"})
     assert resp.headers["X-Request-ID"] == "live-trace-1"
-    access = None
-    for line in live.process.log().splitlines():
-        if line.startswith("{") and "live-trace-1" in line:
-            access = json.loads(line)
+
+    def access_line() -> dict[str, Any] | None:  # written just after the answer is sent
+        for line in live.process.log().splitlines():
+            if line.startswith("{") and "live-trace-1" in line:
+                return json.loads(line)
+        return None
+
+    deadline = time.monotonic() + 10
+    while (access := access_line()) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert access is not None, live.process.log()[-3000:]
     assert access["logger"] == "sorna.access" and access["request_id"] == "live-trace-1"
     assert access["method"] == "GET" and access["path"] == "/v2" and access["status"] == 200
