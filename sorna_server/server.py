@@ -231,6 +231,7 @@ class GatewayServer:
         if self.standalone and self.primary:
             app.cleanup_ctx.append(self._agent_ctx)
         self.runner = web.AppRunner(app, access_log_class=RequestLog, access_log=access_log,
+                                    access_log_format=config.log_format,
                                     shutdown_timeout=config.shutdown_timeout,
                                     handle_signals=False)
         await self.runner.setup()

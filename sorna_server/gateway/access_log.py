@@ -17,6 +17,14 @@ from .keys import ACCESS_KEY, STARTED
 
 
 class RequestLog(AbstractAccessLogger):
+    """aiohttp's access logger, given the `log_format` setting as its format
+    (`AppRunner(access_log_format=config.log_format)`): the JSON fields are only
+    attached for JSON logs (the access log is on the hot path)."""
+
+    def __init__(self, logger: logging.Logger, log_format: str) -> None:
+        super().__init__(logger, log_format)
+        self.structured = log_format == "json"
+
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         # aiohttp's `time` has the resolution of its cached clock (about 1 ms)
         started = request.get(STARTED)
@@ -24,11 +32,12 @@ class RequestLog(AbstractAccessLogger):
         latency_ms = round(seconds * 1000, 2)
         access_key = request.get(ACCESS_KEY, "-")
         rid = response.headers.get("X-Request-ID", "-")  # the id the response echoed
+        extra: dict[str, object] = {"request_id": rid}
+        if self.structured:
+            extra.update(method=request.method, path=request.path, status=response.status,
+                         latency_ms=latency_ms, access_key=access_key)
         self.logger.info("%s %s %d %.2fms %s", request.method, request.path,
-                         response.status, latency_ms, access_key,
-                         extra={"method": request.method, "path": request.path,
-                                "status": response.status, "latency_ms": latency_ms,
-                                "access_key": access_key, "request_id": rid})
+                         response.status, latency_ms, access_key, extra=extra)
 
     @property
     def enabled(self) -> bool:
