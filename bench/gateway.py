@@ -5,7 +5,7 @@ reference agent) in a temporary folder on loopback ports, creates a keypair
 with a rate limit high enough not to interfere, then measures with 1 and 32
 concurrent clients; the cases run in interleaved rounds for a fixed time each:
 
-  hello      GET /v2 (no authentication)
+  hello      GET /v2 (no authentication; the version header only)
   authorize  GET /v2/authorize (signed: signature check, keypair cache, rate limit)
   exec-gw    POST /v2/kernel/<id> {"mode": "query", "code": "1+1"} through the gateway
   exec-rpc   the same execute sent straight to the agent (AgentRPCClient)
@@ -192,7 +192,7 @@ async def run_bench(server: Server, access: str, secret: str, duration: float) -
         rpc = AgentRPCClient(default_timeout=30)
 
         async def hello() -> None:
-            async with session.get("/v2") as resp:
+            async with session.get("/v2", headers={"X-Sorna-Version": VERSION}) as resp:
                 await resp.read()
                 assert resp.status == 200
 

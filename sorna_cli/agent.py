@@ -1,9 +1,6 @@
 """`sorna agent`: run the reference agent on this host."""
 from __future__ import annotations
 
-import logging
-import sys
-
 import click
 
 from .context import CliContext, pass_cli
@@ -45,21 +42,11 @@ def agent(cli: CliContext, agent_managers: tuple[str, ...], **flags: object) -> 
     """Run the reference agent: sandboxed kernels for the managers."""
     if agent_managers:
         flags["agent_managers"] = list(agent_managers)
-    config = cli.reload(**flags)
-    _log_to_stderr(config.log_level if not cli.debug else "DEBUG")
+    cli.reload(**flags)
+    config = cli.serve_logging()  # the agent is a long-running service: INFO to stderr
     from sorna_agent import AgentStartError, run
     try:
         run(config)
     except AgentStartError as exc:
         raise click.ClickException(f"the agent cannot start: {exc}") from None
 
-
-def _log_to_stderr(level: str) -> None:
-    """The agent is a long-running service: its INFO log goes to stderr."""
-    root = logging.getLogger()
-    root.setLevel(level)
-    if not root.handlers:
-        root.addHandler(logging.StreamHandler(sys.stderr))
-    for handler in root.handlers:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler.setLevel(level)

@@ -5,17 +5,20 @@ import os
 import shutil
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 import click
-from sqlalchemy.engine import make_url
-
-from sorna_server.config import SornaConfig, mask_url
 
 from .context import EXIT_FAILURE, EXIT_USAGE, CliContext, OperatorError, pass_cli
+
+if TYPE_CHECKING:
+    from sorna_server.config import SornaConfig
 
 
 def shell_command(config: SornaConfig) -> tuple[list[str], dict[str, str]]:
     """The client command line and extra environment (the password goes in PGPASSWORD)."""
+    from sqlalchemy.engine import make_url
+
     url = make_url(config.database_url)
     backend = url.get_backend_name()
     if backend == "sqlite":
@@ -46,6 +49,8 @@ def dbshell(cli: CliContext, client_args: tuple[str, ...]) -> None:
 
     Extra arguments go to the client, e.g. `sorna dbshell -- -c 'select 1'`.
     """
+    from sorna_server.config import mask_url
+
     argv, extra_env = shell_command(cli.config)
     binary = shutil.which(argv[0])
     if binary is None:

@@ -1,13 +1,15 @@
 """`sorna fixture`: load JSON fixtures (such as the example keypair) into the database."""
 from __future__ import annotations
 
-import click
+from typing import TYPE_CHECKING
 
-from sorna_server import fixture_loader as core
-from sorna_server.schema import SchemaMissing, open_ready_database
+import click
 
 from .context import EXIT_USAGE, CliContext, operator_errors, pass_cli, run_async
 from .output import json_option, print_json, print_table
+
+if TYPE_CHECKING:
+    from sorna_server import fixture_loader as core
 
 
 @click.group()
@@ -16,6 +18,9 @@ def fixture() -> None:
 
 
 async def _populate(cli: CliContext, name_or_path: str) -> core.PopulateReport:
+    from sorna_server import fixture_loader as core
+    from sorna_server.schema import open_ready_database
+
     core.load_fixture(name_or_path)      # bad input fails before touching the database
     async with open_ready_database(cli.config) as engine:
         return await core.populate(engine, name_or_path)
@@ -30,6 +35,9 @@ def populate(cli: CliContext, name_or_path: str, as_json: bool) -> None:
 
     Idempotent: rows already present (same key) are skipped and reported.
     """
+    from sorna_server import fixture_loader as core
+    from sorna_server.schema import SchemaMissing
+
     # the innermost (last) handler sees the error first: specific ones go last.
     with operator_errors(core.FixtureError, SchemaMissing), \
             operator_errors(core.FixtureNotFound, core.FixtureInvalid, exit_code=EXIT_USAGE):
@@ -47,6 +55,8 @@ def populate(cli: CliContext, name_or_path: str, as_json: bool) -> None:
 @json_option
 def list_(as_json: bool) -> None:
     """List the shipped fixtures with their tables and row counts."""
+    from sorna_server import fixture_loader as core
+
     described = core.describe_fixtures()
     if as_json:
         print_json(described)

@@ -5,11 +5,15 @@ from typing import Any
 
 import click
 
-from sorna_server import keypairs as core
-from sorna_server.schema import SchemaMissing, open_ready_database
-
 from .context import EXIT_USAGE, CliContext, operator_errors, pass_cli, run_async
 from .output import json_option, note, print_json, print_table
+
+# What `keypair create` stores when not told otherwise: the same values as
+# sorna_server.keypairs.DEFAULT_* (kept here so `--help` needs no database code;
+# a test checks that they agree).
+DEFAULT_CONCURRENCY_LIMIT = 30
+DEFAULT_RATE_LIMIT = 1000
+DEFAULT_BILLING_PLAN = "free"
 
 # (heading, row -> cell) for the people's table; --json gives every field.
 LIST_COLUMNS: list[tuple[str, Any]] = [
@@ -39,7 +43,9 @@ def _show_pair(access_key: str, secret_key: str) -> None:
 @json_option
 def generate(as_json: bool) -> None:
     """Print a new random keypair (nothing is stored)."""
-    access_key, secret_key = core.generate_keypair()
+    from sorna_server.keypairs import generate_keypair
+
+    access_key, secret_key = generate_keypair()
     if as_json:
         print_json({"access_key": access_key, "secret_key": secret_key})
     else:
@@ -47,6 +53,8 @@ def generate(as_json: bool) -> None:
 
 
 async def _with_engine(cli: CliContext, action: Any, *args: Any, **kwargs: Any) -> Any:
+    from sorna_server.schema import open_ready_database
+
     async with open_ready_database(cli.config) as engine:
         return await action(engine, *args, **kwargs)
 
@@ -54,11 +62,11 @@ async def _with_engine(cli: CliContext, action: Any, *args: Any, **kwargs: Any) 
 @keypair.command()
 @click.option("--user-id", type=int, required=True, help="Owner of the keypair.")
 @click.option("--concurrency-limit", type=click.IntRange(min=0),
-              default=core.DEFAULT_CONCURRENCY_LIMIT, show_default=True,
+              default=DEFAULT_CONCURRENCY_LIMIT, show_default=True,
               help="Kernels the keypair may run at once.")
-@click.option("--rate-limit", type=click.IntRange(min=1), default=core.DEFAULT_RATE_LIMIT,
+@click.option("--rate-limit", type=click.IntRange(min=1), default=DEFAULT_RATE_LIMIT,
               show_default=True, help="Requests per 15-minute window.")
-@click.option("--billing-plan", default=core.DEFAULT_BILLING_PLAN, show_default=True)
+@click.option("--billing-plan", default=DEFAULT_BILLING_PLAN, show_default=True)
 @click.option("--access-key", help="Use this access key (with --secret-key) instead of a new one.")
 @click.option("--secret-key", help="Use this secret key (with --access-key).")
 @json_option
@@ -67,6 +75,9 @@ def create(cli: CliContext, user_id: int, concurrency_limit: int, rate_limit: in
            billing_plan: str, access_key: str | None, secret_key: str | None,
            as_json: bool) -> None:
     """Store a keypair for a user and print it."""
+    from sorna_server import keypairs as core
+    from sorna_server.schema import SchemaMissing
+
     # the innermost (last) handler sees the error first: specific ones go last.
     with operator_errors(core.KeypairError, exit_code=EXIT_USAGE), \
             operator_errors(core.KeypairExists, SchemaMissing):
@@ -89,6 +100,9 @@ def create(cli: CliContext, user_id: int, concurrency_limit: int, rate_limit: in
 def list_(cli: CliContext, show_secret: bool, user_id: int | None, active_only: bool,
           as_json: bool) -> None:
     """List keypairs (secret keys hidden unless --show-secret)."""
+    from sorna_server import keypairs as core
+    from sorna_server.schema import SchemaMissing
+
     with operator_errors(SchemaMissing):
         rows = run_async(_with_engine(cli, core.list_keypairs, user_id=user_id,
                                       active_only=active_only))
@@ -106,6 +120,9 @@ def list_(cli: CliContext, show_secret: bool, user_id: int | None, active_only: 
 
 
 def _set_active(cli: CliContext, access_key: str, active: bool, as_json: bool) -> None:
+    from sorna_server import keypairs as core
+    from sorna_server.schema import SchemaMissing
+
     with operator_errors(core.KeypairNotFound, SchemaMissing):
         changed = run_async(_with_engine(cli, core.set_keypair_active, access_key, active))
     state = "active" if active else "inactive"

@@ -1,15 +1,19 @@
-"""All terminal output of the CLI: rich tables for people, JSON for scripts."""
+"""All terminal output of the CLI: rich tables for people, JSON for scripts.
+
+rich is imported when something is printed, not when a command module loads.
+"""
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Iterable, Sequence
 from datetime import date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print JSON for scripts instead of a table.")
@@ -31,6 +35,8 @@ PIPE_WIDTH = 200   # width for tables written to a pipe or file (no terminal to 
 
 
 def console(stderr: bool = False) -> Console:
+    from rich.console import Console
+
     out = Console(stderr=stderr, highlight=False, soft_wrap=True)
     if not out.is_terminal and "COLUMNS" not in os.environ:
         out.width = PIPE_WIDTH
@@ -39,6 +45,8 @@ def console(stderr: bool = False) -> Console:
 
 def print_table(columns: Sequence[str], rows: Iterable[Sequence[Any]],
                 title: str | None = None) -> None:
+    from rich.table import Table
+
     table = Table(title=title, show_lines=False)
     for index, column in enumerate(columns):
         # the first column is the identifier: never wrapped, so it can be copied

@@ -1,31 +1,38 @@
 """`sorna registry`: look at and steer the live registry of agents and kernels.
 
 Reaches the same Redis as `sorna serve` through the shared config (an explicit
-Redis URL, or the embedded Redis socket in the data directory).
+Redis URL, or the embedded Redis socket in the data directory).  It never starts
+a Redis of its own: with none configured and none running in the data
+directory, a command says so and exits 1.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from sorna_server.db.engine import DatabaseUnavailable
-from sorna_server.redis_conn import RedisUnavailable
-from sorna_server.registry import Instance, KernelRecord, Registry, open_registry
-from sorna_server.schema import SchemaMissing
-
 from .context import EXIT_FAILURE, CliContext, OperatorError, operator_errors, pass_cli, run_async
 from .output import console, json_option, print_fields, print_json, print_table
+
+if TYPE_CHECKING:
+    from sorna_server.registry import Instance, KernelRecord, Registry
 
 EXIT_TIMEOUT = 3  # drain --wait ran out of time
 
 
 def _run(cli: CliContext, action: Callable[[Registry], Awaitable[Any]], *,
          need_db: bool = False) -> Any:
+    from sorna_server.db.engine import DatabaseUnavailable
+    from sorna_server.redis_conn import RedisUnavailable
+    from sorna_server.registry import open_registry
+    from sorna_server.schema import SchemaMissing
+
+    config = cli.with_running_redis()
+
     async def main() -> Any:
-        async with open_registry(cli.config, need_db=need_db) as reg:
+        async with open_registry(config, need_db=need_db) as reg:
             return await action(reg)
 
     with operator_errors(RedisUnavailable, DatabaseUnavailable, SchemaMissing):

@@ -5,8 +5,6 @@ from typing import Any
 
 import click
 
-from sorna_server import schema as core
-
 from .context import CliContext, operator_errors, pass_cli, run_async
 from .output import json_option, print_json, print_table
 
@@ -35,6 +33,8 @@ def _alembic_ini() -> str | None:
 @pass_cli
 def oneshot(cli: CliContext, rev: str, as_json: bool) -> None:
     """Create the newest schema on an EMPTY database and stamp it (REV: head)."""
+    from sorna_server import schema as core
+
     with operator_errors(core.SchemaError):
         status = run_async(core.oneshot(cli.config, rev, ini_file=_alembic_ini()))
     if as_json:
@@ -50,6 +50,8 @@ def oneshot(cli: CliContext, rev: str, as_json: bool) -> None:
 @pass_cli
 def upgrade(cli: CliContext, rev: str, as_json: bool) -> None:
     """Run the migrations up to REV (default: head)."""
+    from sorna_server import schema as core
+
     with operator_errors(core.SchemaError):
         before, after = run_async(core.upgrade(cli.config, rev, ini_file=_alembic_ini()))
     if as_json:
@@ -67,6 +69,8 @@ def upgrade(cli: CliContext, rev: str, as_json: bool) -> None:
 @pass_cli
 def current(cli: CliContext, as_json: bool) -> None:
     """Show the revision the database is at."""
+    from sorna_server import schema as core
+
     with operator_errors(core.SchemaError):
         status = run_async(core.current(cli.config, ini_file=_alembic_ini()))
     if as_json:
@@ -87,6 +91,8 @@ def current(cli: CliContext, as_json: bool) -> None:
 @pass_cli
 def history(cli: CliContext, as_json: bool) -> None:
     """List the migration scripts, newest first."""
+    from sorna_server import schema as core
+
     with operator_errors(core.SchemaError):
         revisions: list[dict[str, Any]] = core.history(cli.config, ini_file=_alembic_ini())
     if as_json:

@@ -1,18 +1,16 @@
 """`sorna serve`: the API gateway, legacy listener and event intake in one command."""
 from __future__ import annotations
 
-import logging
 import shlex
+from typing import TYPE_CHECKING
 
 import click
 
-from sorna_server.db.engine import DatabaseUnavailable
-from sorna_server.redis_conn import RedisUnavailable
-from sorna_server.schema import SchemaError
-from sorna_server.server import ServerInfo, StartupError, run
-
 from .context import EXIT_FAILURE, CliContext, OperatorError, pass_cli
 from .output import console
+
+if TYPE_CHECKING:
+    from sorna_server.server import ServerInfo
 
 
 def print_banner(info: ServerInfo) -> None:
@@ -20,6 +18,8 @@ def print_banner(info: ServerInfo) -> None:
     out.print(f"[bold green]Sorna API gateway[/] listening on [bold]{info.endpoint}[/]"
               f" ({info.workers} worker{'s' if info.workers > 1 else ''})")
     out.print(f"  agent events: {info.events_addr}   legacy ZMQ: {info.legacy_addr}")
+    if info.metrics_url:
+        out.print(f"  metrics: {info.metrics_url}   health: {info.endpoint}/readyz")
     if info.standalone:
         out.print(f"  standalone: data in {info.data_dir}; local agent {info.agent_addr} "
                   f"(log: {info.agent_log})")
@@ -52,11 +52,16 @@ def print_banner(info: ServerInfo) -> None:
 @pass_cli
 def serve(cli: CliContext, standalone: bool, **flags: object) -> None:
     """Run the API gateway (HTTP), the legacy ZMQ listener and the event intake."""
-    config = cli.reload(**flags)
+    cli.reload(**flags)
+    config = cli.serve_logging()
     if standalone and (config.explicit_redis_url or not config.uses_embedded_db):
         click.echo("note: --standalone with a configured database/Redis uses them "
                    "instead of the embedded ones", err=True)
-    logging.getLogger().setLevel(logging.DEBUG if cli.debug else config.log_level)
+    from sorna_server.db.engine import DatabaseUnavailable
+    from sorna_server.redis_conn import RedisUnavailable
+    from sorna_server.schema import SchemaError
+    from sorna_server.server import StartupError, run
+
     try:
         run(config, standalone=standalone, on_ready=print_banner)
     except (StartupError, DatabaseUnavailable, RedisUnavailable, SchemaError) as exc:

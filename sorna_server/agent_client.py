@@ -19,6 +19,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from . import agent_protocol as proto
+from .logs import current_request_id
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +188,14 @@ class AgentRPCClient:
         return conn
 
     async def call(self, addr: str, method: str, args: dict[str, Any] | None = None,
-                   timeout: float | None = None) -> Any:
+                   timeout: float | None = None, request_id: str | None = None) -> Any:
         """Send one request and wait for its reply.
 
-        Raises AgentError (the agent's error type and message), AgentTimeout
-        (no reply before the deadline) or AgentUnreachable (not connected, or
-        the connection dropped while waiting).
+        `request_id` (default: the id of the API request being served, if any)
+        travels in the request so the agent can log it.  Raises AgentError (the
+        agent's error type and message), AgentTimeout (no reply before the
+        deadline) or AgentUnreachable (not connected, or the connection dropped
+        while waiting).
         """
         timeout = self.default_timeout if timeout is None else timeout
         conn = self._connection(addr)
@@ -209,7 +212,8 @@ class AgentRPCClient:
         timer = loop.call_at(deadline, _expire, future, addr, method, timeout)
         try:
             try:
-                conn.send(proto.encode_request(req_id, method, args))
+                conn.send(proto.encode_request(req_id, method, args,
+                                               request_id or current_request_id()))
             except zmq.Again:
                 raise AgentUnreachable(addr, "not connected") from None
             return await future

@@ -3,7 +3,7 @@
 Every message is one ZeroMQ frame holding a msgpack map with a protocol version
 `v`.  RPC (manager DEALER -> agent ROUTER):
 
-    request  {v, id, method, args}
+    request  {v, id, method, args, request_id?}
     reply    {v, id, ok: true, result}  |  {v, id, ok: false, error: {type, message, ...}}
 
 Events (agent PUSH -> manager PULL): {v, type, instance_id, ts, ...fields}.
@@ -22,6 +22,7 @@ import msgpack
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 256 << 20
+MAX_REQUEST_ID = 128  # characters of the optional `request_id` of an RPC request
 
 # --- error types an agent may put in error replies -------------------------
 ERR_UNKNOWN_METHOD = "unknown-method"
@@ -116,6 +117,8 @@ INFO_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "cpu_count": (_INT, False),
     "mem_bytes": (_INT, False),
     "isolation": (_MAP, False),
+    # {name: {alias_of?, version?, limits?}}: what GET /v2/languages shows clients
+    "language_info": (_MAP, False),
 }
 
 # Per-kernel stats, in kernel_terminated.stats, destroy_kernel's result and
@@ -133,6 +136,8 @@ class Request:
     id: int | str
     method: str
     args: dict[str, Any]
+    request_id: str | None = None
+    """The id of the API request this call serves (optional; agents log it)."""
 
 
 @dataclass(slots=True)
@@ -183,8 +188,12 @@ def check_fields(values: Any, spec: dict[str, tuple[tuple[type, ...], bool]], wh
 
 # --- RPC -------------------------------------------------------------------
 
-def encode_request(req_id: int | str, method: str, args: dict[str, Any] | None = None) -> bytes:
-    return pack({"v": PROTOCOL_VERSION, "id": req_id, "method": method, "args": args or {}})
+def encode_request(req_id: int | str, method: str, args: dict[str, Any] | None = None,
+                   request_id: str | None = None) -> bytes:
+    msg = {"v": PROTOCOL_VERSION, "id": req_id, "method": method, "args": args or {}}
+    if request_id:
+        msg["request_id"] = request_id
+    return pack(msg)
 
 
 def decode_request(frame: bytes) -> Request:
@@ -200,7 +209,11 @@ def decode_request(frame: bytes) -> Request:
     args = msg.get("args", {})
     if not isinstance(args, dict):
         raise ProtocolError("'args' must be a map")
-    return Request(req_id, method, args)
+    request_id = msg.get("request_id")
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID \
+            or not request_id.isprintable():
+        request_id = None  # optional: a bad one is ignored, never a reason to refuse
+    return Request(req_id, method, args, request_id)
 
 
 def validate_args(method: str, args: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -205,6 +205,17 @@ class SornaConfig(BaseSettings):
         default="auto", pattern="^(auto|none)$",
         description="auto: own uid and namespaces where possible; none: plain processes")
 
+    # --- operations: logs, metrics, CORS (issue 12) ------------------------
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="log lines as plain text or as one JSON object per line")
+    metrics_enabled: bool = Field(
+        default=True, description="serve Prometheus metrics on GET /metrics")
+    metrics_addr: str | None = Field(
+        default=None, description="host:port to serve /metrics on instead of the API port")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated browser origins allowed to call the API (CORS)")
+
     @field_validator("agent_max_mem", "agent_max_file_size", "agent_max_output",
                      "max_upload_size", "max_request_body", "max_upload_total",
                      "auth_body_budget", mode="before")
@@ -212,9 +223,9 @@ class SornaConfig(BaseSettings):
     def _sizes(cls, value: Any) -> int:
         return parse_size(value)
 
-    @field_validator("agent_managers", mode="before")
+    @field_validator("agent_managers", "cors_origins", mode="before")
     @classmethod
-    def _managers(cls, value: Any) -> Any:
+    def _comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
@@ -243,7 +254,17 @@ class SornaConfig(BaseSettings):
             raise ValueError("expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return level
 
-    @field_validator("db_addr", "redis_addr")
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            scheme, sep, host = origin.partition("://")
+            if origin != "*" and (scheme not in ("http", "https") or not sep or not host
+                                  or "/" in host):
+                raise ValueError(f"expected origins such as https://app.example, got {origin!r}")
+        return value
+
+    @field_validator("db_addr", "redis_addr", "metrics_addr")
     @classmethod
     def _host_port(cls, value: str | None) -> str | None:
         if value is None:

@@ -12,7 +12,16 @@ signal forces the exit.  In standalone mode a local reference agent is a
 child process, stopped (its kernels destroyed and settled) with the server.
 
 The server never prints: it logs, and hands a `ServerInfo` to the caller's
-`on_ready` callback (the CLI prints the banner).
+`on_ready` callback (the CLI prints the banner).  Logging is set up by the
+caller (`sorna serve`: `sorna_server.logs.setup_logging`), and by each worker
+process for itself.
+
+Metrics: `/metrics` is on the API port unless `metrics_addr` moves it to a
+separate listener (bound by the primary process) or `metrics_enabled` is off.
+With several workers the supervisor gives them a private, empty directory for
+prometheus_client's multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`), so a
+scrape of any worker adds up all workers' counts; the directory is removed when
+the server stops (and a crashed server's is removed at the next start).
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import ssl
 import sys
@@ -40,6 +50,8 @@ from .db.models import keypairs
 from .gateway import keys
 from .gateway.access_log import RequestLog
 from .gateway.app import create_app
+from .gateway.prometheus import MULTIPROC_ENV, metrics_app
+from .logs import setup_logging
 from .redis_conn import EmbeddedRedis
 
 log = logging.getLogger(__name__)
@@ -50,6 +62,7 @@ AGENT_START_TIMEOUT = 60.0
 AGENT_STOP_TIMEOUT = 20.0
 WORKER_START_TIMEOUT = 60.0
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+METRICS_DIR_PREFIX = "prometheus-"
 
 
 class StartupError(Exception):
@@ -68,6 +81,7 @@ class ServerInfo:
     secret_key: str | None = None
     agent_addr: str | None = None
     agent_log: str | None = None
+    metrics_url: str | None = None
 
 
 def run(config: SornaConfig, *, standalone: bool = False,
@@ -180,6 +194,7 @@ class GatewayServer:
         self.on_ready = on_ready
         self.signals = SignalCatcher(self.force_exit)
         self.runner: web.AppRunner | None = None
+        self.metrics_runner: web.AppRunner | None = None
         self.redis: EmbeddedRedis | None = None
         self.agent: asyncio.subprocess.Process | None = None
         self.example: dict[str, Any] | None = None
@@ -216,6 +231,7 @@ class GatewayServer:
         if self.standalone and self.primary:
             app.cleanup_ctx.append(self._agent_ctx)
         self.runner = web.AppRunner(app, access_log_class=RequestLog, access_log=access_log,
+                                    access_log_format=config.log_format,
                                     shutdown_timeout=config.shutdown_timeout,
                                     handle_signals=False)
         await self.runner.setup()
@@ -229,6 +245,8 @@ class GatewayServer:
         endpoint = endpoint_of(config, self.runner.addresses[0][1])
         log.info("gateway listening on %s (pid %d%s)", endpoint, os.getpid(),
                  ", primary" if self.primary else "")
+        if config.metrics_enabled and config.metrics_addr and self.primary:
+            await self._start_metrics(app, config.metrics_addr)
         agent_addr = None
         if self.standalone and self.primary:
             agent_addr = await self._wait_for_agent(app)
@@ -241,9 +259,33 @@ class GatewayServer:
             access_key=(self.example or {}).get("access_key"),
             secret_key=(self.example or {}).get("secret_key"),
             agent_addr=agent_addr,
-            agent_log=str(self._agent_log_path()) if self.standalone else None)
+            agent_log=str(self._agent_log_path()) if self.standalone else None,
+            metrics_url=self._metrics_url(endpoint))
+
+    def _metrics_url(self, endpoint: str) -> str | None:
+        if not self.config.metrics_enabled:
+            return None
+        if self.config.metrics_addr:
+            return f"http://{self.config.metrics_addr}/metrics"
+        return f"{endpoint}/metrics"
+
+    async def _start_metrics(self, app: web.Application, addr: str) -> None:
+        host, _, port = addr.rpartition(":")
+        self.metrics_runner = web.AppRunner(metrics_app(app), access_log=None,
+                                            handle_signals=False)
+        await self.metrics_runner.setup()
+        site = web.TCPSite(self.metrics_runner, host.strip("[]"), int(port))
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on metrics_addr {addr}: "
+                               f"{exc.strerror or exc}") from None
+        log.info("metrics on http://%s/metrics", addr)
 
     async def shutdown(self) -> None:
+        if self.metrics_runner is not None:
+            metrics_runner, self.metrics_runner = self.metrics_runner, None
+            await metrics_runner.cleanup()
         if self.runner is not None:
             runner, self.runner = self.runner, None
             in_flight = runner.server.requests_count if runner.server else 0
@@ -279,7 +321,7 @@ class GatewayServer:
     async def _agent_ctx(self, app: web.Application) -> AsyncIterator[None]:
         config = self.config
         args = [sys.executable, "-m", "sorna_cli", "--data-dir", str(config.data_dir.resolve()),
-                "--log-level", config.log_level, "agent",
+                "--log-level", config.log_level, "--log-format", config.log_format, "agent",
                 "--rpc-addr", self._agent_rpc_addr(),
                 "--manager", f"tcp://127.0.0.1:{config.events_port}",
                 "--max-kernels", str(config.agent_max_kernels),
@@ -288,8 +330,9 @@ class GatewayServer:
                 "--heartbeat-interval", str(config.heartbeat_interval)]
         log_file = self._agent_log_path().open("ab")
         try:
+            env = {k: v for k, v in os.environ.items() if k != MULTIPROC_ENV}
             self.agent = await asyncio.create_subprocess_exec(
-                *args, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                *args, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env,
                 start_new_session=True, preexec_fn=die_with_parent)
         finally:
             log_file.close()
@@ -355,8 +398,8 @@ def _worker_main(values: dict[str, Any], index: int, standalone: bool, conn: Any
     """Entry point of a worker process (spawned)."""
     os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only; it tells us
     die_with_parent()
-    logging.basicConfig(level=values.get("log_level", "INFO"),
-                        format=f"%(asctime)s %(levelname)s [w{index}] %(name)s: %(message)s")
+    setup_logging(values.get("log_level", "INFO"), values.get("log_format", "text"),
+                  label=f"w{index}")
     config = SornaConfig.model_construct(**values)
 
     def ready(info: ServerInfo) -> None:
@@ -371,6 +414,33 @@ def _worker_main(values: dict[str, Any], index: int, standalone: bool, conn: Any
         raise SystemExit(1) from None
 
 
+def prepare_metrics_dir(data_dir: Path) -> Path:
+    """An empty private folder for this server's multiprocess metrics.
+
+    Folders of servers that are gone (a crash skips the clean-up) are removed.
+    """
+    root = data_dir.resolve()
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for old in root.glob(METRICS_DIR_PREFIX + "*"):
+        pid = old.name.removeprefix(METRICS_DIR_PREFIX)
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = root / f"{METRICS_DIR_PREFIX}{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(mode=0o700)
+    return folder
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Supervisor:
     def __init__(self, config: SornaConfig, *, standalone: bool = False,
                  on_ready: Callable[[ServerInfo], None] | None = None):
@@ -379,6 +449,7 @@ class Supervisor:
         self.on_ready = on_ready
         self.processes: list[multiprocessing.process.BaseProcess] = []
         self.redis: EmbeddedRedis | None = None
+        self.metrics_dir: Path | None = None
         self.signals = SignalCatcher(self.force_exit)
 
     async def serve(self) -> None:
@@ -389,6 +460,9 @@ class Supervisor:
             if self.config.explicit_redis_url is None:
                 self.redis = EmbeddedRedis(self.config.data_dir)
                 await self.redis.start()
+            if self.config.metrics_enabled:
+                self.metrics_dir = prepare_metrics_dir(self.config.data_dir)
+                os.environ[MULTIPROC_ENV] = str(self.metrics_dir)
             info = await self._start_workers()
             if self.on_ready is not None:
                 self.on_ready(info)
@@ -403,6 +477,9 @@ class Supervisor:
                 await self._stop_workers()
                 if self.redis is not None:
                     await self.redis.stop()
+                if self.metrics_dir is not None:
+                    os.environ.pop(MULTIPROC_ENV, None)
+                    shutil.rmtree(self.metrics_dir, ignore_errors=True)
             finally:
                 self.signals.restore()
 

@@ -2,7 +2,8 @@
 or `from tests.helpers import ...`); fixtures stay in the conftest files.
 
 - real-service plumbing: free ports, polling, stopping processes, flushing Redis,
-  PostgreSQL admin statements;
+  PostgreSQL admin statements, a private redis-server (`PrivateRedis`) and
+  `sorna serve` as a real process (`ServeProcess`);
 - the reference agent as a child process (`AgentProcess`) and a manager-side
   harness that talks to it over the agent protocol (`Harness`);
 - API signing exactly as the historic client does, and a signed test client
@@ -19,9 +20,11 @@ import inspect
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -49,7 +52,7 @@ from sorna_server.db.engine import create_engine
 from sorna_server.db.models import kernels, keypairs, metadata, usage
 from sorna_server.fixture_loader import populate
 from sorna_server.gateway import keys
-from sorna_server.redis_conn import RedisClients
+from sorna_server.redis_conn import RedisClients, redis_server_binary
 from sorna_server.registry import KernelRecord, Registry
 from sorna_server.schema import ensure_schema
 
@@ -118,7 +121,6 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        from sorna_server.redis_conn import redis_server_binary
 
         self.proc = subprocess.Popen(
             [str(redis_server_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
@@ -165,6 +167,44 @@ async def block_usage_inserts(engine: Any, block: bool = True) -> None:
     async with engine.begin() as conn:
         for statement in statements:
             await conn.execute(sa.text(statement))
+
+
+class ServeProcess:
+    """`sorna ARGS...` (a server) as a real process in `cwd`; its stderr goes to a log file."""
+
+    def __init__(self, cwd: Path, args: list[str], env: dict[str, str] | None = None):
+        self.cwd = cwd
+        self.log_path = cwd.parent / f"serve-{cwd.name}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sorna_cli", *args], cwd=cwd,
+            stdout=subprocess.DEVNULL, stderr=self.log_path.open("wb"),
+            env={**os.environ, **(env or {})})
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(r"listening on (https?://[^\s)]+)", self.log())
+            if match and "press Ctrl-C" in self.log():
+                return match.group(1)
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"serve did not get ready:\n{self.log()}")
+
+    def wait_log(self, text: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} in the log:\n{self.log()}")
+            time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if not stop_process(self.proc, sig, timeout):
+            raise AssertionError(f"serve did not stop within {timeout} s:\n{self.log()}")
+        return self.proc.returncode
 
 
 class AgentProcess:
@@ -367,6 +407,7 @@ EXAMPLE_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 OTHER_ACCESS = "AKIAOTHERKEY00000001"
 OTHER_SECRET = "otherSecretKey0123456789abcdefghijklmnop"
 VERSION = "v2.20170315"
+VERSION_HEADERS = {"X-Sorna-Version": VERSION}
 PROBLEM = "https://api.sorna.io/probs/"
 
 def client_signature(method: str, path: str, date: str, host: str, content_type: str,
@@ -622,6 +663,16 @@ async def close_env(env: RegistryEnv) -> None:
 # other suites running at the same time (which flush 11-14) do not disturb them.
 REGISTRY_REDIS_DBS = {"redis_db_kernels": 7, "redis_db_instances": 8,
                       "redis_db_sessions": 9, "redis_db_ratelimit": 10}
+
+def run_sorna(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+              python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """`python [FLAGS] -m sorna_cli ARGS` as a real process (the console entry point's path)."""
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("SORNA_") or k.startswith("SORNA_TEST_")}
+    return subprocess.run([sys.executable, *python_flags, "-m", "sorna_cli", *args],
+                          capture_output=True, text=True, env={**clean, **(env or {})}, cwd=cwd,
+                          timeout=60)
+
 
 class Sorna:
     """Call `sorna ARGS...` with CliRunner; results keep stdout and stderr apart."""

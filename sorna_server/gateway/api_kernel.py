@@ -10,8 +10,11 @@ import time
 from urllib.parse import unquote
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from . import keys
+from .. import agent_protocol as proto
+from .. import metrics
+from . import errors, keys
 from .auth import UPLOAD_DIGEST_HEADER, upload_digest
 from .errors import AuthorizationFailed, InvalidAPIParameters, RequestTooLarge
 from .keys import ACCESS_KEY, UPLOAD_DIGEST
@@ -28,12 +31,28 @@ def _no_content() -> web.Response:
     return web.Response(status=204)
 
 
+# instance-not-available reasons (registry) -> sorna_kernel_creates_refused_total reasons
+REFUSAL_REASONS = {"no-agents": "no-agent", "language-not-offered": "language",
+                   "all-full": "full", "all-draining": "draining"}
+# agent error types of a failed execute -> sorna_executions_total outcomes
+EXECUTE_FAILURES = {proto.ERR_EXECUTION_TIMEOUT: "timeout", proto.ERR_RPC_TIMEOUT: "timeout",
+                    proto.REASON_OOM: "oom"}
+
+
 async def create(request: web.Request) -> web.Response:
     body = parse(CreateKernel, await json_body(request))
     service = request.app[keys.KERNELS]
-    record, _created = await service.get_or_create(
-        request[ACCESS_KEY], body.lang, body.clientSessionToken,
-        body.agent_limits(), body.mounts)
+    try:
+        record, _created = await service.get_or_create(
+            request[ACCESS_KEY], body.lang, body.clientSessionToken,
+            body.agent_limits(), body.mounts)
+    except errors.QuotaExceeded:
+        metrics.CREATES_REFUSED.labels("quota").inc()
+        raise
+    except errors.InstanceNotAvailable as exc:
+        reason = REFUSAL_REASONS.get(str(exc.fields.get("reason")), "no-agent")
+        metrics.CREATES_REFUSED.labels(reason).inc()
+        raise
     return web.json_response({"kernelId": record.id}, status=201)
 
 
@@ -80,8 +99,31 @@ async def execute(request: web.Request) -> web.Response:
     service = request.app[keys.KERNELS]
     record = await service.get_owned(request[ACCESS_KEY], request.match_info["kernel_id"],
                                      fresh=False)
-    result = await service.execute(record, body.mode, body.code or "", body.options)
+    outcome = "failed"
+    try:
+        result = await service.execute(record, body.mode, body.code or "", body.agent_options())
+        outcome = str(result.get("status")) if isinstance(result, dict) else "failed"
+    except errors.Problem as exc:
+        outcome = execute_outcome(exc)
+        raise
+    finally:
+        if outcome not in metrics.EXECUTE_OUTCOMES:
+            outcome = "failed"  # a status no client knows: bounded label values
+        metrics.EXECUTIONS.labels(record.lang, body.mode, outcome).inc()
     return web.json_response({"result": result})
+
+
+def execute_outcome(exc: errors.Problem) -> str:
+    """The outcome label of a failed execute."""
+    if isinstance(exc, errors.KernelNotFound):
+        return "not-found"
+    if isinstance(exc, errors.InvalidAPIParameters):
+        return "invalid"
+    agent_error = exc.fields.get("agentError") or {}
+    for marker in (agent_error.get("type"), agent_error.get("reason")):
+        if marker in EXECUTE_FAILURES:
+            return EXECUTE_FAILURES[marker]
+    return "failed"
 
 
 async def upload(request: web.Request) -> web.Response:
@@ -100,7 +142,8 @@ async def upload(request: web.Request) -> web.Response:
     try:
         files = await _read_files(await request.multipart(), config.max_upload_size,
                                   total_limit)
-    except (ValueError, AssertionError) as exc:  # malformed multipart framing
+    except (ValueError, AssertionError, HttpProcessingError) as exc:  # malformed framing
+        # (HttpProcessingError: a part's headers that are not valid HTTP headers)
         raise InvalidAPIParameters(f"Malformed multipart body: {exc}") from None
     if not files:
         raise InvalidAPIParameters("The upload has no files.")

@@ -1,6 +1,7 @@
 """The application factory: `create_app(config)` -> the gateway `web.Application`.
 
-Middlewares, outermost first: problem+json errors, API version check,
+Middlewares, outermost first: request id and metrics, CORS (when
+`cors_origins` is set), problem+json errors, API version check,
 authentication, rate limiting.  Resources live in `app.cleanup_ctx`, in
 dependency order (Redis, database, agent RPC client, registry, services, the
 legacy listener), and are released in reverse order.
@@ -25,8 +26,10 @@ from ..schema import open_ready_database
 from . import keys
 from .auth import KeypairCache, auth_middleware
 from .bodies import PreAuthBudget
+from .cors import cors_middleware
 from .errors import problem_middleware
 from .kernels import KernelService
+from .observe import REQUEST_ID_HEADER, RequestMetrics, new_request_id, observe_middleware
 from .ratelimit import RateLimiter, rate_limit_headers, ratelimit_middleware
 from .routing import setup_routes
 from .usage import KeypairActivity
@@ -41,20 +44,22 @@ ACTIVITY_FLUSH_INTERVAL = 3.0
 def create_app(config: SornaConfig, *, primary: bool = True) -> web.Application:
     """Build the gateway.  `primary` = this process binds the event intake and
     the legacy ZMQ port (exactly one process of a multi-worker server does)."""
+    cors = cors_middleware(config.cors_origins)
     app = web.Application(
-        middlewares=[problem_middleware, version_middleware, auth_middleware,
-                     ratelimit_middleware],
+        middlewares=[observe_middleware, *([cors] if cors else []), problem_middleware,
+                     version_middleware, auth_middleware, ratelimit_middleware],
         # bodies are read by auth (bounded, see bodies.py) and the upload handler
         client_max_size=config.max_request_body,
     )
     app[keys.CONFIG] = config
     app[keys.PRIMARY] = primary
     app[keys.WEBSOCKETS] = weakref.WeakSet()
+    app[keys.REQUEST_METRICS] = RequestMetrics()
     app.cleanup_ctx.extend([_redis, _database, _rpc, _registry, _event_intake, _sweeper,
                             _reconciler, _services, _legacy])
     app.on_shutdown.append(_close_websockets)
     app.on_response_prepare.append(_common_headers)
-    setup_routes(app)
+    setup_routes(app, metrics_here=config.metrics_enabled and config.metrics_addr is None)
     return app
 
 
@@ -164,6 +169,10 @@ async def _close_websockets(app: web.Application) -> None:
 async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
     headers = response.headers
     headers["Server"] = SERVER_HEADER
+    try:
+        headers[REQUEST_ID_HEADER] = request[keys.REQUEST_ID]
+    except KeyError:  # not through the middlewares (cannot happen for our routes)
+        headers[REQUEST_ID_HEADER] = new_request_id()
     headers.update(rate_limit_headers(request))
     if response.status == 204:
         # The historic sync client reads Content-Length and Content-Type of every

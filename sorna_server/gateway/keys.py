@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     from .auth import Keypair, KeypairCache
     from .bodies import PreAuthBudget
     from .kernels import KernelService
+    from .observe import RequestMetrics
     from .ratelimit import RateLimiter, RateLimitState, ReplayGuard
+    from .routing import ServedRoutes
     from .usage import KeypairActivity
 
 CONFIG: web.AppKey[SornaConfig] = web.AppKey("config")
@@ -33,6 +35,11 @@ RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
 ACTIVITY: web.AppKey[KeypairActivity] = web.AppKey("activity")
 KERNELS: web.AppKey[KernelService] = web.AppKey("kernels")
 WEBSOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")
+REQUEST_METRICS: web.AppKey[RequestMetrics] = web.AppKey("request_metrics")
+ROUTES: web.AppKey[ServedRoutes] = web.AppKey("routes")
+"""The route table this application serves (the OpenAPI document is made from it)."""
+GATEWAY: web.AppKey[web.Application] = web.AppKey("gateway", web.Application)
+"""In the separate metrics application (`metrics_addr`): the gateway it reports on."""
 
 # --- per-request values (set by the middlewares) -----------------------------
 API_MAJOR: web.RequestKey[str] = web.RequestKey("api_major", str)
@@ -48,3 +55,7 @@ SIGNED_BODY: web.RequestKey[bytes] = web.RequestKey("signed_body", bytes)
 """The body whose hash the signature covered (non-multipart requests)."""
 UPLOAD_DIGEST: web.RequestKey[str] = web.RequestKey("upload_digest", str)
 """X-Sorna-Upload-SHA256 of a multipart upload, covered by the signature."""
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
+"""The request's X-Request-ID (the client's, or a generated one)."""
+STARTED: web.RequestKey[float] = web.RequestKey("started", float)
+"""time.perf_counter() when the gateway began to handle the request."""

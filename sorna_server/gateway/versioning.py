@@ -2,8 +2,11 @@
 
 Paths live under `/v1` and `/v2`.  `X-Sorna-Version` must be one of the known
 revisions and agree with the path's major version (v3 revisions use `/v2`
-paths).  Without the header the newest revision of the path's major version is
-assumed, as the historic server did.
+paths).  A request without the header is refused with `generic-bad-request`
+("API version missing in headers."), as the historic server refused it; the
+historic answer carried status 404 through a class-inheritance slip, this one
+carries 400.  The operations endpoints (`/healthz`, `/readyz`, `/metrics`,
+`/openapi.json`: routes marked `unversioned`) need no header.
 
 `X-Method-Override` names the method the handler runs (the effective method).
 It is honoured only where the signature covers it: the authentication
@@ -17,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .errors import GenericNotFound, InvalidAPIParameters
+from .errors import GenericBadRequest, GenericNotFound, InvalidAPIParameters
 from .keys import API_MAJOR, API_REVISION, METHOD
 
 VERSION_HEADER = "X-Sorna-Version"
@@ -49,11 +52,13 @@ def effective_method(request: web.Request) -> str:
 async def version_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     major = path_major(request.path)
     if major is None:
+        if getattr(request.match_info.handler, "unversioned", False):
+            return await handler(request)
         raise GenericNotFound(f"Unknown path {request.path!r}; the API lives under /v1 and /v2.")
     revision = request.headers.get(VERSION_HEADER)
     if revision is None:
-        revision = PATH_MAJOR_REVISIONS[major][-1]
-    elif revision not in KNOWN_REVISIONS:
+        raise GenericBadRequest("API version missing in headers.")
+    if revision not in KNOWN_REVISIONS:
         raise InvalidAPIParameters(
             f"Unsupported API version {revision!r}; use one of {', '.join(KNOWN_REVISIONS)}.")
     elif revision not in PATH_MAJOR_REVISIONS[major]:

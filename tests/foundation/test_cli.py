@@ -1,10 +1,7 @@
 """The `sorna` command as a whole: help, error boundary, unreachable database, dbshell."""
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,18 +9,9 @@ import pytest
 from sorna_cli.dbshell import shell_command
 from sorna_cli.main import COMMANDS
 from sorna_server.config import load_config
-from tests.helpers import PG_URL
+from tests.helpers import PG_URL, run_sorna
 
 FOUNDATION_COMMANDS = ["dbshell", "fixture", "keypair", "schema"]
-
-
-def run_sorna(*args: str, env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """`python -m sorna_cli ARGS` as a real process (the console entry point's path)."""
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith("SORNA_") or k.startswith("SORNA_TEST_")}
-    return subprocess.run([sys.executable, "-m", "sorna_cli", *args], capture_output=True,
-                          text=True, env={**clean, **(env or {})}, cwd=cwd, timeout=60)
 
 
 def test_help_lists_every_present_command(sorna_no_db) -> None:

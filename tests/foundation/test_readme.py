@@ -82,7 +82,7 @@ def _default(name: str) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
-        return ",".join(str(item) for item in value)
+        return ",".join(str(item) for item in value) or "(none)"
     if name in _size_fields() and isinstance(value, int):
         return _human_size(value)
     if isinstance(value, float) and value.is_integer():

@@ -5,10 +5,12 @@ a real database with the schema and keypairs, and real reference agents.
 and returns a `Gateway` whose `request()` signs requests exactly as the
 historic client does.  `gateway_factory(agents=1)` also starts a reference
 agent reporting to the gateway's event port and waits until it is registered.
+`serve(*flags)` runs `sorna serve` as a real process instead.
 """
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +19,14 @@ import pytest
 from sorna_server.config import SornaConfig
 from sorna_server.gateway import keys
 from sorna_server.gateway.app import create_app
-from tests.helpers import Gateway, flush_redis_dbs, prepare_database, wait_for
+from tests.helpers import (
+    Gateway,
+    ServeProcess,
+    flush_redis_dbs,
+    prepare_database,
+    stop_process,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -66,3 +75,27 @@ async def gateway_factory(gateway_config, aiohttp_client, agent_factory):
             await wait_for(all_registered)
         return gateway
     return start
+
+
+@pytest.fixture
+def serve(tmp_path, free_port):
+    """Start `sorna serve` processes on free loopback ports: `serve(*flags, name=, env=)`
+    returns (process, ports); every server is stopped after the test."""
+    started: list[ServeProcess] = []
+
+    def start(*extra: str, name: str = "empty",
+              env: dict[str, str] | None = None) -> tuple[ServeProcess, dict[str, int]]:
+        folder = tmp_path / name
+        folder.mkdir()
+        ports = {"port": free_port(), "manager-port": free_port(),
+                 "events-port": free_port(), "agent-port": free_port()}
+        args = ["serve", "--host", "127.0.0.1", *extra]
+        for flag, port in ports.items():
+            args += [f"--{flag}", str(port)]
+        process = ServeProcess(folder, args, env)
+        started.append(process)
+        return process, ports
+
+    yield start
+    for process in started:  # a graceful stop also stops the embedded Redis and the agent
+        stop_process(process.proc, signal.SIGTERM, 30)

@@ -19,6 +19,8 @@ from tests.helpers import (
     OTHER_ACCESS,
     OTHER_SECRET,
     PROBLEM,
+    VERSION,
+    VERSION_HEADERS,
     client_signature,
     wait_for,
 )
@@ -32,8 +34,8 @@ def gateway_redis_url(redis_url) -> str:
 
 async def test_hello_is_public_and_carries_headers(gateway_factory):
     gw = await gateway_factory()
-    for path in ("/v2", "/v2/", "/v1"):
-        resp = await gw.client.get(path)
+    for path, version in (("/v2", VERSION), ("/v2/", "v3.20170615"), ("/v1", "v1.20160915")):
+        resp = await gw.client.get(path, headers={"X-Sorna-Version": version})
         assert resp.status == 200
         assert (await resp.json())["version"] == "v3.20170615"
         assert resp.headers["Server"].startswith("Sorna-API/")
@@ -56,7 +58,7 @@ async def test_authorize_echo_and_problem_bodies(gateway_factory):
     assert status == 200
 
     # unknown paths and wrong methods are problems too
-    resp = await gw.client.get("/v2/nothing/here")
+    resp = await gw.client.get("/v2/nothing/here", headers=VERSION_HEADERS)
     assert resp.status == 404
     assert resp.content_type == "application/problem+json"
     assert (await resp.json())["type"] == PROBLEM + "generic-not-found"

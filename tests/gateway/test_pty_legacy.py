@@ -10,7 +10,7 @@ import aiohttp
 import zmq
 import zmq.asyncio
 
-from tests.helpers import EXAMPLE_ACCESS, OTHER_ACCESS, PROBLEM
+from tests.helpers import EXAMPLE_ACCESS, OTHER_ACCESS, PROBLEM, VERSION_HEADERS
 
 
 async def _read_until(ws: aiohttp.ClientWebSocketResponse, marker: bytes, timeout: float,
@@ -41,7 +41,7 @@ async def test_pty_echo_restart_and_end(gateway_factory):
     path = f"/v2/stream/kernel/{kernel_id}/pty"
 
     # unsigned and foreign requests are refused before the upgrade
-    resp = await gw.client.get(path)
+    resp = await gw.client.get(path, headers=VERSION_HEADERS)
     assert resp.status == 401
     async with gw.client.ws_connect(path, headers=gw.sign_headers("GET", path)) as ws:
         async def type_command() -> None:

@@ -20,63 +20,12 @@ from typing import Any
 import pytest
 import requests
 
-from tests.helpers import EXAMPLE_ACCESS, EXAMPLE_SECRET, stdout_of, stop_process
-
-
-class ServeProcess:
-    def __init__(self, cwd: Path, args: list[str]):
-        self.cwd = cwd
-        self.log_path = cwd.parent / f"serve-{cwd.name}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sorna_cli", *args], cwd=cwd,
-            stdout=subprocess.DEVNULL, stderr=self.log_path.open("wb"))
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 90) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = re.search(r"listening on (https?://[^\s)]+)", self.log())
-            if match and "press Ctrl-C" in self.log():
-                return match.group(1)
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited {self.proc.returncode}:\n{self.log()}")
-            time.sleep(0.05)
-        raise AssertionError(f"serve did not get ready:\n{self.log()}")
-
-    def wait_log(self, text: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {text!r} in the log:\n{self.log()}")
-            time.sleep(0.05)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if not stop_process(self.proc, sig, timeout):
-            raise AssertionError(f"serve did not stop within {timeout} s:\n{self.log()}")
-        return self.proc.returncode
-
-
-@pytest.fixture
-def serve(tmp_path, free_port):
-    started: list[ServeProcess] = []
-
-    def start(*extra: str, name: str = "empty") -> tuple[ServeProcess, dict[str, int]]:
-        folder = tmp_path / name
-        folder.mkdir()
-        ports = {"port": free_port(), "manager-port": free_port(),
-                 "events-port": free_port(), "agent-port": free_port()}
-        args = ["serve", "--host", "127.0.0.1", *extra]
-        for flag, port in ports.items():
-            args += [f"--{flag}", str(port)]
-        process = ServeProcess(folder, args)
-        started.append(process)
-        return process, ports
-
-    yield start
-    for process in started:  # a graceful stop also stops the embedded Redis and the agent
-        stop_process(process.proc, signal.SIGTERM, 30)
+from tests.helpers import (
+    EXAMPLE_ACCESS,
+    EXAMPLE_SECRET,
+    VERSION_HEADERS,
+    stdout_of,
+)
 
 
 def client_env(endpoint: str) -> dict[str, str]:
@@ -152,7 +101,7 @@ def test_standalone_from_an_empty_folder_with_sorna_client(serve):
     assert "404" in out["after_destroy"] and "kernel-not-found" in out["after_destroy"]
 
     # headers every response carries
-    resp = requests.get(endpoint + "/v2", timeout=10)
+    resp = requests.get(endpoint + "/v2", headers=VERSION_HEADERS, timeout=10)
     assert resp.headers["Server"].startswith("Sorna-API/")
     assert resp.headers["X-RateLimit-Limit"]
 
@@ -162,7 +111,7 @@ def test_standalone_from_an_empty_folder_with_sorna_client(serve):
     assert re.search(r"GET /v2 200 [\d.]+ms -", log)
     assert "gateway stopped" in log
     with pytest.raises(requests.ConnectionError):
-        requests.get(endpoint + "/v2", timeout=2)
+        requests.get(endpoint + "/v2", headers=VERSION_HEADERS, timeout=2)
 
 
 @pytest.mark.needs_gcc
@@ -185,7 +134,8 @@ def test_workers_share_the_port_and_a_second_signal_forces_exit(serve):
     endpoint = server.wait_ready()
     for _ in range(30):  # fresh connections spread over both workers
         with requests.Session() as session:
-            assert session.get(endpoint + "/v2", timeout=10).status_code == 200
+            resp = session.get(endpoint + "/v2", headers=VERSION_HEADERS, timeout=10)
+            assert resp.status_code == 200
     run = subprocess.run([sys.executable, "-m", "sorna.cli", "run", "python3", "-c",
                           "print(6*7)"], env=client_env(endpoint), capture_output=True,
                          text=True, timeout=60, cwd=server.cwd)
@@ -216,10 +166,11 @@ def test_https_and_registry_cli_beside_a_standalone_server(serve, tmp_path):
                           str(key_file), name="tls")
     endpoint = server.wait_ready()
     assert endpoint == f"https://127.0.0.1:{ports['port']}"
-    resp = requests.get(endpoint + "/v2", timeout=10, verify=str(ca_file))
+    resp = requests.get(endpoint + "/v2", headers=VERSION_HEADERS, timeout=10, verify=str(ca_file))
     assert resp.status_code == 200 and resp.json()["version"].startswith("v")
     with pytest.raises(requests.exceptions.SSLError):
-        requests.get(endpoint + "/v2", timeout=10)  # not trusted without the CA
+        # not trusted without the CA
+        requests.get(endpoint + "/v2", headers=VERSION_HEADERS, timeout=10)
 
     env = {**client_env(endpoint), "REQUESTS_CA_BUNDLE": str(ca_file)}
     run = subprocess.run([sys.executable, "-m", "sorna.cli", "run", "python3", "-c",

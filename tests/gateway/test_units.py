@@ -12,6 +12,7 @@ from sorna_server.gateway.auth import check_date, parse_authorization, parse_dat
 from sorna_server.gateway.errors import InvalidAPIParameters, InvalidAuthParameters
 from sorna_server.gateway.validation import sanitize_filename
 from sorna_server.gateway.versioning import path_major
+from tests.helpers import VERSION_HEADERS
 
 
 @pytest.mark.parametrize("hash_type", ["sha256", "sha1", "sha512"])
@@ -88,5 +89,5 @@ async def test_malformed_http_gets_no_traceback(gateway_factory):
         assert reply == b"" or (status_line.startswith(b"HTTP/1.") and b" 4" in status_line), \
             (raw, reply)
         assert b"Traceback" not in reply and b"File \"" not in reply
-    resp = await gw.client.get("/v2")  # still serving
+    resp = await gw.client.get("/v2", headers=VERSION_HEADERS)  # still serving
     assert resp.status == 200
