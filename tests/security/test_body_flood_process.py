@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import EXAMPLE_ACCESS, client_signature
+from tests.helpers import EXAMPLE_ACCESS, VERSION_HEADERS, client_signature
 
 MB = 1 << 20
 BUDGET = 16 * MB
@@ -77,7 +77,7 @@ async def test_bad_signature_body_flood_keeps_the_gateway_memory_bounded(standal
     host = f"127.0.0.1:{server.port}"
     async with aiohttp.ClientSession(server.endpoint) as session:  # warm up
         for _ in range(5):
-            async with session.get("/v2") as resp:
+            async with session.get("/v2", headers=VERSION_HEADERS) as resp:
                 assert resp.status == 200
     _reset_peak(pid)
     baseline = _status_kib(pid, "VmRSS")
