@@ -53,7 +53,7 @@ EXECUTIONS = Counter(
     "timeout, oom, failed, not-found, invalid).",
     ["lang", "mode", "outcome"], namespace=NAMESPACE)
 
-# --- registry (hooks to add in sorna_server/registry, see README) ----------------
+# --- registry (settlement and reconciliation hooks, event intake) ------------------
 SETTLEMENTS = Counter(
     "kernel_settlements", "Kernels settled (final status, usage row and quota slot written "
     "exactly once), by the path that settled them and the final status.",

@@ -14,12 +14,14 @@ from collections.abc import AsyncIterator
 
 from aiohttp import WSCloseCode, web
 
-from .. import __version__
+from .. import __version__, metrics
 from ..agent_client import AgentRPCClient
 from ..config import SornaConfig
 from ..redis_conn import open_redis
 from ..registry import Registry
 from ..registry.intake import EventIntake
+from ..registry.lifecycle import Settlement
+from ..registry.reconcile import Difference
 from ..registry.reconciler import Reconciler
 from ..registry.sweeper import Sweeper
 from ..schema import open_ready_database
@@ -86,6 +88,7 @@ async def _rpc(app: web.Application) -> AsyncIterator[None]:
 
 async def _registry(app: web.Application) -> AsyncIterator[None]:
     registry = Registry(app[keys.CONFIG], app[keys.REDIS], app[keys.DB], app[keys.RPC])
+    registry.lifecycle.on_settled.append(_count_settlement)
     await registry.start()
     app[keys.REGISTRY] = registry
     try:
@@ -101,6 +104,7 @@ async def _event_intake(app: web.Application) -> AsyncIterator[None]:
         return
     intake = EventIntake(app[keys.REGISTRY])
     await intake.start()
+    app[keys.INTAKE] = intake
     try:
         yield
     finally:
@@ -120,11 +124,22 @@ async def _sweeper(app: web.Application) -> AsyncIterator[None]:
 async def _reconciler(app: web.Application) -> AsyncIterator[None]:
     """Periodic reconciliation and retries of failed settlements (every process)."""
     reconciler = Reconciler(app[keys.REGISTRY])
+    reconciler.on_pass.append(_count_fixes)
     reconciler.start()
     try:
         yield
     finally:
         await reconciler.stop()
+
+
+def _count_settlement(settlement: Settlement) -> None:
+    metrics.SETTLEMENTS.labels(path=settlement.path, status=settlement.status).inc()
+
+
+def _count_fixes(differences: list[Difference]) -> None:
+    for difference in differences:
+        if difference.fixed:
+            metrics.RECONCILE_FIXES.labels(kind=difference.kind).inc()
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:

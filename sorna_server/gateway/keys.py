@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from ..config import SornaConfig
     from ..redis_conn import RedisClients
     from ..registry import Registry
+    from ..registry.intake import EventIntake
     from .auth import Keypair, KeypairCache
     from .bodies import PreAuthBudget
     from .kernels import KernelService
@@ -28,6 +29,8 @@ DB: web.AppKey[AsyncEngine] = web.AppKey("db")
 REDIS: web.AppKey[RedisClients] = web.AppKey("redis")
 RPC: web.AppKey[AgentRPCClient] = web.AppKey("rpc")
 REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
+INTAKE: web.AppKey[EventIntake] = web.AppKey("intake")
+"""The event intake, in the process that binds the events port."""
 KEYPAIRS: web.AppKey[KeypairCache] = web.AppKey("keypairs")
 PREAUTH_BUDGET: web.AppKey[PreAuthBudget] = web.AppKey("preauth_budget")
 """Bytes of request bodies held before their signature is checked (see bodies.py)."""

@@ -25,6 +25,7 @@ import zmq.asyncio
 from redis.exceptions import RedisError
 
 from .. import agent_protocol as proto
+from .. import metrics
 from .. import redis_keys as keys
 from ..agent_client import AgentError
 from ..db.models import FINAL_STATUSES, KernelStatus, kernels
@@ -135,6 +136,8 @@ class EventIntake:
             try:
                 await self.handle_frames(frames)
             except (RedisError, OSError) as exc:
+                metrics.AGENT_EVENTS_DROPPED.labels(reason="registry-unavailable").inc(
+                    len(frames))
                 log.warning("dropped %d agent events: registry unavailable: %s",
                             len(frames), exc)
             except Exception:  # the listener must survive anything
@@ -150,8 +153,10 @@ class EventIntake:
                 event = proto.decode_event(frame)
             except proto.ProtocolError as exc:
                 self.dropped += 1
+                metrics.AGENT_EVENTS_DROPPED.labels(reason="malformed").inc()
                 log.warning("dropped malformed agent event: %s", exc)
                 continue
+            metrics.AGENT_EVENTS.labels(type=event["type"]).inc()
             if event["type"] == "instance_heartbeat":
                 heartbeats.append(event)
             else:

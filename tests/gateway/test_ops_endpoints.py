@@ -8,6 +8,8 @@ import re
 import uuid
 
 import pytest
+import zmq
+import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from sorna_server import keypairs as keypair_api
@@ -20,6 +22,7 @@ from tests.helpers import (
     VERSION_HEADERS,
     PrivateRedis,
     free_port,
+    wait_for,
 )
 
 
@@ -168,6 +171,37 @@ async def test_metrics_count_requests_by_route_and_refused_creates(gateway_facto
     assert sample(after, "sorna_agent_load", instance=instance) == 1
     assert sample(after, "sorna_agent_capacity", instance=instance) > 1
     assert sample(after, "sorna_build_info") == 1
+
+
+async def test_metrics_count_settlements_events_and_dropped_frames(gateway_factory):
+    gw = await gateway_factory(agents=1)
+    before = await scrape(gw)
+    kernel_id = await gw.create_kernel("python3")
+    status, _, _ = await gw.request("DELETE", f"/v2/kernel/{kernel_id}")
+    assert status == 204
+    intake = gw.app[keys.INTAKE]
+    received = intake.received
+    push = zmq.asyncio.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(f"tcp://127.0.0.1:{gw.config.events_port}")
+    try:
+        await push.send(b"not msgpack at all")
+        await wait_for(lambda: intake.received > received and intake.dropped >= 1)
+    finally:
+        push.close(0)
+    after = await scrape(gw)
+
+    def delta(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert delta("sorna_kernel_settlements_total", path="destroy", status="TERMINATED") == 1
+    assert delta("sorna_agent_events_dropped_total", reason="malformed") == 1
+
+    async def terminated_event_counted() -> bool:  # the agent's own report of the destroy
+        return sample(await scrape(gw), "sorna_agent_events_total",
+                      type="kernel_terminated") > sample(before, "sorna_agent_events_total",
+                                                         type="kernel_terminated")
+    await wait_for(terminated_event_counted)
 
 
 async def test_metrics_count_timeouts_quota_and_rate_refusals(gateway_factory):
