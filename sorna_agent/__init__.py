@@ -18,7 +18,7 @@ class AgentStartError(Exception):
 def run(config: SornaConfig) -> None:
     import asyncio
 
-    from .server import serve
+    from .agent import serve
     try:
         import uvloop
     except ImportError:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from .languages import Language
 from .process import RunnerProcess
-from .sandbox import Isolation
+from .sandbox.probe import Isolation
 from .stats import KernelUsage
 
 if TYPE_CHECKING:

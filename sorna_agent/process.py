@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .languages import Language
-from .sandbox import Isolation, kill_uid
+from .reaping import wait_pidfd, wait_process
+from .sandbox.probe import Isolation
+from .sandbox.uids import kill_uid
 from .zygote import Zygote, ZygoteError
 
 log = logging.getLogger(__name__)
@@ -239,7 +241,7 @@ class RunnerProcess:
                 pass
             await wait_process(self.proc)
         elif self.pidfd is not None:
-            if self.init_pid is None:
+            if self.init_pid is None and self.outer_pid is not None:
                 try:  # not reaped until we say so: the group id is still the runner's
                     os.killpg(self.outer_pid, signal.SIGKILL)
                 except OSError:
@@ -263,46 +265,3 @@ class RunnerProcess:
         if self.uid is not None and self.init_pid is None:
             await asyncio.get_running_loop().run_in_executor(None, kill_uid, self.uid)
         self.alive = False
-
-
-def _pidfd_exited(pidfd: int) -> bool:
-    import select
-    return bool(select.select([pidfd], [], [], 0)[0])
-
-
-async def wait_pidfd(pidfd: int, timeout: float = 10.0) -> None:
-    """Wait until the process behind `pidfd` has exited (it need not be our child)."""
-    if _pidfd_exited(pidfd):
-        return
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
-    try:
-        await asyncio.wait_for(done, timeout)
-    except TimeoutError:
-        log.warning("a runner did not exit within %.0f s", timeout)
-    finally:
-        loop.remove_reader(pidfd)
-
-
-async def wait_process(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
-    """Wait for a child without blocking the loop (pidfd) and reap it."""
-    if proc.poll() is not None:
-        return proc.returncode
-    loop = asyncio.get_running_loop()
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except (OSError, AttributeError):
-        return await loop.run_in_executor(None, proc.wait)
-    done = loop.create_future()
-    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
-    try:
-        await asyncio.wait_for(done, timeout)
-    except TimeoutError:
-        log.warning("process %s did not exit within %.0f s", proc.pid, timeout)
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-    return proc.poll()
-
-

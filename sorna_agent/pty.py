@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import zmq
 import zmq.asyncio
 
-from .process import wait_process
+from .reaping import wait_process
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -45,7 +45,7 @@ class PtySession:
         self.stdout_sock.setsockopt(zmq.LINGER, 0)
         self.stdin_port = self.stdin_sock.bind_to_random_port(f"tcp://{bind_host}")
         self.stdout_port = self.stdout_sock.bind_to_random_port(f"tcp://{bind_host}")
-        self._stdout_sync = zmq.Socket.shadow(self.stdout_sock.underlying)
+        self._stdout_sync: zmq.Socket[bytes] = zmq.Socket.shadow(self.stdout_sock.underlying)
         self.proc: subprocess.Popen | None = None
         self.master: int | None = None
         self._task = asyncio.create_task(self._stdin_loop(), name=f"pty-{kernel.id}")

@@ -1,8 +1,10 @@
-"""The reference agent: RPC server, kernel lifecycle, events, shutdown.
+"""The reference agent: its lifecycle, its kernel table and its periodic loops.
 
-Every RPC request runs in its own task, so a slow kernel never delays calls
-for other kernels; calls that run code in one kernel are serialised by that
-kernel's lock.
+`Agent.start()` probes the host, binds the RPC socket, connects the events,
+fills the warm pool and starts the loops; `Agent.shutdown()` destroys every
+kernel (each reported with kernel_terminated) and says instance_terminated.
+The RPC server (`rpc.py`) calls the handlers here; running code is
+`execution.py`'s.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,32 +32,26 @@ from sorna_server.config import SornaConfig, parse_size
 
 from . import AgentStartError
 from .events import EventSender
+from .execution import Execution
 from .kernel import Kernel, KernelLimits, rlimits_for
 from .languages import CatalogueError, Language, load_catalogue, world_searchable
 from .pool import WarmPool
 from .process import RUNNER_FILE, RunnerDied, RunnerProcess
 from .pty import PtySession
-from .sandbox import Isolation, UidPool, make_workdir, probe_isolation, remove_workdir, write_upload
+from .rpc import RPCError, RPCServer, method_table
+from .sandbox.probe import Isolation, probe_isolation
+from .sandbox.uids import UidPool
+from .sandbox.workdirs import make_workdir, remove_workdir, write_upload
 from .stats import measure
 from .zygote import Zygotes
 
 log = logging.getLogger("sorna_agent")
 
-INTERRUPT_GRACE = 1.0       # seconds a run gets to stop after SIGINT before a kill + restart
-COMPLETE_TIMEOUT = 5.0
 SHUTDOWN_LINGER = 3.0       # seconds to deliver the last events at shutdown
 MAX_KERNEL_ID = 128
 MIN_KERNEL_MEM = 32 << 20
 SCRATCH_PREFIX = "sorna-agent-"
 OWNER_FILE = ".agent-pid"
-
-
-class RPCError(Exception):
-    def __init__(self, err_type: str, message: str, **details: Any):
-        super().__init__(message)
-        self.type = err_type
-        self.message = message
-        self.details = details
 
 
 def split_bind_addr(addr: str) -> tuple[str, int]:
@@ -96,22 +92,12 @@ class Agent:
         self.zygotes = Zygotes(str(RUNNER_FILE), self.instance_id)
         self.events: EventSender | None = None
         self.ctx: zmq.asyncio.Context | None = None
-        self.rpc: zmq.asyncio.Socket | None = None
+        self.rpc: RPCServer | None = None
+        self.execution = Execution(self)
         self.stopping = asyncio.Event()
         self._own_scratch: Path | None = None
-        self.tasks: set[asyncio.Task] = set()       # loops and requests: cancelled at stop
-        self.cleanups: set[asyncio.Task] = set()    # kernel terminations: awaited at stop
-        self.methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
-            "ping": self.rpc_ping,
-            "create_kernel": self.rpc_create_kernel,
-            "destroy_kernel": self.rpc_destroy_kernel,
-            "restart_kernel": self.rpc_restart_kernel,
-            "execute": self.rpc_execute,
-            "upload_file": self.rpc_upload_file,
-            "resize_pty": self.rpc_resize_pty,
-            "list_kernels": self.rpc_list_kernels,
-            "reset": self.rpc_reset,
-        }
+        self.tasks: set[asyncio.Task[Any]] = set()     # loops and requests: cancelled at stop
+        self.cleanups: set[asyncio.Task[Any]] = set()  # kernel terminations: awaited at stop
 
     # --- start and stop ------------------------------------------------------
 
@@ -128,14 +114,7 @@ class Agent:
             len(self.languages) + 8
         self.uids = UidPool(self.instance_id, uid_count)
         self.ctx = zmq.asyncio.Context()
-        self.rpc = self.ctx.socket(zmq.ROUTER)
-        self.rpc.setsockopt(zmq.LINGER, 0)
-        self.rpc.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        try:
-            self.rpc.bind(self.config.agent_bind_addr)
-        except zmq.ZMQError as exc:
-            raise AgentStartError(f"cannot listen on {self.config.agent_bind_addr}: {exc}") \
-                from None
+        self.rpc = RPCServer(self.ctx, self.config.agent_bind_addr, method_table(self))
         self.events = EventSender(self.ctx, self.instance_id, self.config.agent_managers,
                                   self.config.agent_event_queue_size)
         self.events.start()
@@ -150,9 +129,9 @@ class Agent:
                  ", ".join(sorted(self.languages)), self.config.agent_pool_size,
                  self.config.agent_max_kernels)
         self.events.emit("instance_started", info=self.info())
-        for coro in (self._serve_rpc(), self._heartbeats(), self._stats_loop(),
+        for coro in (self.rpc.serve(self.spawn_task), self._heartbeats(), self._stats_loop(),
                      self._idle_sweeper()):
-            self._spawn_task(coro)
+            self.spawn_task(coro)
 
     def _usable_scratch(self, wanted: Path) -> Path:
         """The kernels' folders must be reachable by their unprivileged uids."""
@@ -171,7 +150,7 @@ class Agent:
         log.info("kernel folders in %s (%s is not searchable by other users)", private, wanted)
         return private
 
-    def _spawn_task(self, coro: Awaitable[Any], *, cleanup: bool = False) -> asyncio.Task:
+    def spawn_task(self, coro: Awaitable[Any], *, cleanup: bool = False) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         group = self.cleanups if cleanup else self.tasks
         group.add(task)
@@ -195,7 +174,7 @@ class Agent:
         if self._own_scratch is not None:
             remove_workdir(self._own_scratch)
         if self.rpc is not None:
-            self.rpc.close(linger=0)
+            self.rpc.close()
         if self.ctx is not None:
             self.ctx.term()
         log.info("agent %s stopped", self.instance_id)
@@ -267,7 +246,7 @@ class Agent:
         def on_exit(dead: RunnerProcess) -> None:
             if kernel.runner is dead and not kernel.closing and not kernel.restarting:
                 log.info("kernel %s: its process exited by itself", kernel.id)
-                self._spawn_task(self.terminate(kernel, proto.REASON_EXITED), cleanup=True)
+                self.end_later(kernel, proto.REASON_EXITED)
         runner.on_exit = on_exit
 
     # --- kernel lifecycle ---------------------------------------------------------
@@ -292,6 +271,10 @@ class Agent:
         except (ValueError, TypeError) as exc:
             raise RPCError(proto.ERR_INVALID_ARGS, f"bad limits: {exc}") from None
         return limits
+
+    def end_later(self, kernel: Kernel, reason: str) -> None:
+        """Terminate `kernel` in the background (awaited at shutdown)."""
+        self.spawn_task(self.terminate(kernel, reason), cleanup=True)
 
     async def terminate(self, kernel: Kernel, reason: str) -> dict[str, Any]:
         """End a kernel for any reason: stats, kill, clean up, kernel_terminated."""
@@ -329,7 +312,7 @@ class Agent:
             log.exception("kernel %s: cannot measure usage", kernel.id)
             return dict(kernel.usage.last)
 
-    async def _replace_runner(self, kernel: Kernel) -> None:
+    async def replace_runner(self, kernel: Kernel) -> None:
         """Fresh process for the same kernel (same uid, same folder, new PTY ports)."""
         kernel.restarting = True
         kernel.available.clear()
@@ -391,17 +374,17 @@ class Agent:
             raise RPCError(proto.ERR_KERNEL_NOT_FOUND, f"no kernel {args['kernel_id']!r} here")
         return kernel
 
-    # --- RPC methods -------------------------------------------------------------
+    # --- RPC handlers (the table is in rpc.py) ------------------------------------
 
-    async def rpc_ping(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def ping(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"instance_id": self.instance_id, "version": __version__, "addr": self.addr}
 
-    async def rpc_create_kernel(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def create_kernel(self, args: dict[str, Any]) -> dict[str, Any]:
         lang = self.languages.get(args["lang"])
         if lang is None:
             raise RPCError(proto.ERR_UNSUPPORTED_LANG, f"language {args['lang']!r} is not "
                            f"offered here (offered: {', '.join(sorted(self.languages))})")
-        kernel_id = args.get("kernel_id") or uuid.uuid4().hex
+        kernel_id: str = args.get("kernel_id") or uuid.uuid4().hex
         if len(kernel_id) > MAX_KERNEL_ID:
             raise RPCError(proto.ERR_INVALID_ARGS, "kernel_id is too long")
         if kernel_id in self.kernels:
@@ -420,7 +403,7 @@ class Agent:
                 kernel = Kernel(id=kernel_id, lang=lang, limits=limits,
                                 isolation=self.isolation, runner=runner)
                 self._watch(kernel, runner)
-                kernel.pty = PtySession(self.ctx, self.bind_host, kernel)
+                pty = kernel.pty = PtySession(self.ctx, self.bind_host, kernel)
             except BaseException as exc:
                 await asyncio.shield(self.discard_runner(runner))
                 if isinstance(exc, (RunnerDied, TimeoutError, OSError, zmq.ZMQError)):
@@ -433,18 +416,18 @@ class Agent:
         finally:
             self.creating -= 1
         log.info("kernel %s (%s) created", kernel_id, lang.name)
-        return {"kernel_id": kernel_id, "stdin_port": kernel.pty.stdin_port,
-                "stdout_port": kernel.pty.stdout_port, "limits": limits.public()}
+        return {"kernel_id": kernel_id, "stdin_port": pty.stdin_port,
+                "stdout_port": pty.stdout_port, "limits": limits.public()}
 
-    async def rpc_destroy_kernel(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def destroy_kernel(self, args: dict[str, Any]) -> dict[str, Any]:
         kernel = self.get_kernel(args)
         return await self.terminate(kernel, args.get("reason") or proto.REASON_DESTROYED)
 
-    async def rpc_restart_kernel(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def restart_kernel(self, args: dict[str, Any]) -> dict[str, Any]:
         kernel = self.get_kernel(args)
         kernel.touch()
         try:
-            await self._replace_runner(kernel)
+            await self.replace_runner(kernel)
         except (RunnerDied, OSError, TimeoutError, RuntimeError) as exc:
             await self.terminate(kernel, proto.REASON_EXITED)
             raise RPCError(proto.ERR_CREATION_FAILED, f"restart failed: {exc}") from None
@@ -452,133 +435,12 @@ class Agent:
         log.info("kernel %s restarted", kernel.id)
         return {"stdin_port": kernel.pty.stdin_port, "stdout_port": kernel.pty.stdout_port}
 
-    async def rpc_execute(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def execute(self, args: dict[str, Any]) -> dict[str, Any]:
         kernel = self.get_kernel(args)
-        mode, code = args["mode"], args["code"]
-        opts = args.get("opts") or {}
-        async with kernel.lock:
-            await kernel.available.wait()
-            if kernel.closing:
-                raise RPCError(proto.ERR_KERNEL_NOT_FOUND, f"kernel {kernel.id!r} has ended")
-            kernel.busy += 1
-            kernel.touch()
-            try:
-                if mode == "query":
-                    return await self._query(kernel, code)
-                if mode == "batch":
-                    return await self._batch(kernel, opts)
-                return await self._complete(kernel, code, opts)
-            finally:
-                kernel.busy -= 1
-                kernel.touch()
+        return await self.execution.execute(kernel, args["mode"], args["code"],
+                                            args.get("opts") or {})
 
-    async def _query(self, kernel: Kernel, code: str) -> dict[str, Any]:
-        if kernel.waiting_input:
-            msg = {"op": "input", "text": code}
-        else:
-            msg = {"op": "exec", "code": code}
-        reply = await self._run(kernel, msg)
-        return self._result(kernel, reply)
-
-    def _result(self, kernel: Kernel, reply: dict[str, Any],
-                status: str | None = None) -> dict[str, Any]:
-        if reply.get("type") != "done":
-            raise RPCError(proto.ERR_EXECUTION_FAILED, f"kernel answered {reply.get('type')!r}")
-        kernel.waiting_input = reply.get("status") == "waiting-input"
-        result: dict[str, Any] = {"status": status or reply.get("status", "finished"),
-                                  "console": _clean_console(reply.get("console"))}
-        if kernel.waiting_input:
-            result["options"] = {"is_password": bool((reply.get("options") or {})
-                                                     .get("is_password"))}
-        return result
-
-    async def _batch(self, kernel: Kernel, opts: dict[str, Any]) -> dict[str, Any]:
-        lang = kernel.lang
-        try:
-            build = lang.batch_command(opts.get("build"), lang.build)
-            exec_cmd = lang.batch_command(opts.get("exec"), lang.exec)
-        except ValueError as exc:
-            raise RPCError(proto.ERR_INVALID_ARGS, str(exc)) from None
-        if build and not kernel.batch_built:
-            reply = await self._run(kernel, {"op": "shell", "cmd": build})
-            result = self._result(kernel, reply)
-            if reply.get("exit_code") not in (0, None):
-                result["console"].append(["stderr", f"[build failed with exit code "
-                                                    f"{reply.get('exit_code')}]\n"])
-                return result
-            kernel.batch_built = True
-            result["status"] = "build-finished"
-            return result
-        kernel.batch_built = False
-        if not exec_cmd:
-            return {"status": "finished", "console": []}
-        reply = await self._run(kernel, {"op": "shell", "cmd": exec_cmd})
-        return self._result(kernel, reply, status="finished")
-
-    async def _complete(self, kernel: Kernel, code: str, opts: dict[str, Any]) -> dict[str, Any]:
-        line = opts.get("line") if isinstance(opts.get("line"), str) else code
-        col = opts.get("col")
-        msg = {"op": "complete", "line": line, "code": code,
-               "row": opts.get("row") if isinstance(opts.get("row"), int) else 0,
-               "col": col if isinstance(col, int) else len(line)}
-        try:
-            reply = await asyncio.wait_for(kernel.runner.request(msg), COMPLETE_TIMEOUT)
-        except TimeoutError:
-            kernel.runner.interrupt()
-            raise RPCError(proto.ERR_EXECUTION_TIMEOUT, "completion took too long",
-                           console=[]) from None
-        except RunnerDied:
-            raise RPCError(proto.ERR_EXECUTION_FAILED, "the kernel process exited") from None
-        items = [item for item in reply.get("items", []) if isinstance(item, str)]
-        return {"status": "finished", "console": [], "completions": items}
-
-    async def _run(self, kernel: Kernel, msg: dict[str, Any]) -> dict[str, Any]:
-        """Send one run to the kernel and wait for its end, within the exec timeout."""
-        runner = kernel.runner
-        timeout = kernel.limits.exec_timeout
-        try:
-            runner.send(msg)
-            reply = runner.receive()
-            timed_out = False
-
-            def on_timeout() -> None:
-                nonlocal timed_out
-                timed_out = True
-                reply.cancel()
-
-            timer = asyncio.get_running_loop().call_later(timeout, on_timeout)
-            try:
-                return await reply
-            except asyncio.CancelledError:
-                if not timed_out:
-                    raise  # our caller was cancelled, not the timer
-            finally:
-                timer.cancel()
-            runner.interrupt()
-            note = f"\n[execution timed out after {timeout:g} s: the run was stopped]\n"
-            try:
-                reply = await asyncio.wait_for(runner.receive(), INTERRUPT_GRACE)
-                console = _clean_console(reply.get("console"))
-                kernel.waiting_input = reply.get("status") == "waiting-input"
-            except TimeoutError:
-                console = []
-                note = (f"\n[execution timed out after {timeout:g} s: the run did not stop, "
-                        f"so the kernel was restarted and its state is lost]\n")
-                try:
-                    await self._replace_runner(kernel)
-                except (RunnerDied, OSError, TimeoutError, RuntimeError) as exc:
-                    log.warning("kernel %s: restart after timeout failed: %s", kernel.id, exc)
-                    self._spawn_task(self.terminate(kernel, proto.REASON_EXITED), cleanup=True)
-            console.append(["stderr", note])
-            log.info("kernel %s: execution timed out after %g s", kernel.id, timeout)
-            raise RPCError(proto.ERR_EXECUTION_TIMEOUT,
-                           f"execution exceeded the time limit of {timeout:g} s",
-                           console=console)
-        except RunnerDied:
-            raise RPCError(proto.ERR_EXECUTION_FAILED,
-                           "the kernel process exited during the run") from None
-
-    async def rpc_upload_file(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def upload_file(self, args: dict[str, Any]) -> dict[str, Any]:
         kernel = self.get_kernel(args)
         kernel.touch()
         loop = asyncio.get_running_loop()
@@ -593,7 +455,7 @@ class Agent:
                            f"{exc.strerror or exc}") from None
         return {"name": args["name"], "size": size}
 
-    async def rpc_resize_pty(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def resize_pty(self, args: dict[str, Any]) -> dict[str, Any]:
         kernel = self.get_kernel(args)
         rows, cols = args["rows"], args["cols"]
         if not (1 <= rows <= 1000 and 1 <= cols <= 1000):
@@ -602,7 +464,7 @@ class Agent:
             kernel.pty.resize(rows, cols)
         return {}
 
-    async def rpc_list_kernels(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def list_kernels(self, args: dict[str, Any]) -> dict[str, Any]:
         return {
             kernel.id: {"lang": kernel.lang.name, "created_at": kernel.created_at,
                         "stdin_port": kernel.pty.stdin_port if kernel.pty else 0,
@@ -610,57 +472,12 @@ class Agent:
             for kernel in list(self.kernels.values()) if not kernel.closing
         }
 
-    async def rpc_reset(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def reset(self, args: dict[str, Any]) -> dict[str, Any]:
         kernels = list(self.kernels.values())
         await asyncio.gather(*(self.terminate(k, proto.REASON_RESET) for k in kernels))
         return {"destroyed": [k.id for k in kernels]}
 
     # --- loops ------------------------------------------------------------------
-
-    async def _serve_rpc(self) -> None:
-        assert self.rpc is not None
-        while True:
-            frames = await self.rpc.recv_multipart(copy=True)
-            if len(frames) != 2:
-                log.warning("dropped a malformed RPC message of %d frames", len(frames))
-                continue
-            identity, frame = frames
-            try:
-                request = proto.decode_request(frame)
-            except proto.ProtocolError as exc:
-                log.warning("dropped a malformed RPC frame: %s", exc)
-                continue
-            self._spawn_task(self._answer(identity, request))
-
-    async def _answer(self, identity: bytes, request: proto.Request) -> None:
-        assert self.rpc is not None
-        method = self.methods.get(request.method)
-        try:
-            if method is None:
-                raise RPCError(proto.ERR_UNKNOWN_METHOD, f"unknown method {request.method!r}")
-            try:
-                proto.validate_args(request.method, request.args)
-            except proto.ProtocolError as exc:
-                raise RPCError(proto.ERR_INVALID_ARGS, str(exc)) from None
-            reply = proto.encode_result(request.id, await method(request.args))
-        except RPCError as exc:
-            reply = proto.encode_error(request.id, exc.type, exc.message, **exc.details)
-        except asyncio.CancelledError:
-            reply = proto.encode_error(request.id, proto.ERR_INTERNAL, "the agent is stopping")
-            await self._reply(identity, reply)
-            raise
-        except Exception as exc:
-            log.exception("%s failed", request.method)
-            reply = proto.encode_error(request.id, proto.ERR_INTERNAL,
-                                       f"{exc.__class__.__name__}: {exc}")
-        await self._reply(identity, reply)
-
-    async def _reply(self, identity: bytes, reply: bytes) -> None:
-        assert self.rpc is not None
-        try:
-            await self.rpc.send_multipart([identity, reply])
-        except zmq.ZMQError as exc:
-            log.warning("cannot send a reply: %s", exc)
 
     async def _heartbeats(self) -> None:
         assert self.events is not None
@@ -689,7 +506,7 @@ class Agent:
                 if not kernel.closing and not kernel.restarting \
                         and kernel.idle_for() > kernel.limits.idle_timeout:
                     log.info("kernel %s idle for %.0f s", kernel.id, kernel.idle_for())
-                    self._spawn_task(self.terminate(kernel, proto.REASON_IDLE), cleanup=True)
+                    self.end_later(kernel, proto.REASON_IDLE)
 
 
 def _remove_stale_scratch(tmp: Path) -> None:
@@ -701,18 +518,6 @@ def _remove_stale_scratch(tmp: Path) -> None:
             continue
         if not psutil.pid_exists(owner):
             remove_workdir(folder)
-
-
-def _clean_console(console: Any) -> list[list[str]]:
-    """Console records from a kernel, checked (the kernel is untrusted)."""
-    records: list[list[str]] = []
-    if not isinstance(console, list):
-        return records
-    for record in console:
-        if isinstance(record, (list, tuple)) and len(record) == 2 \
-                and isinstance(record[0], str) and isinstance(record[1], str):
-            records.append([record[0], record[1]])
-    return records
 
 
 async def serve(config: SornaConfig) -> None:
