@@ -14,11 +14,9 @@ import math
 import os
 import signal
 import socket
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,14 +32,14 @@ from . import AgentStartError
 from .events import EventSender
 from .execution import Execution
 from .kernel import Kernel, KernelLimits, rlimits_for
-from .languages import CatalogueError, Language, load_catalogue, world_searchable
+from .languages import CatalogueError, Language, load_catalogue
 from .pool import WarmPool
 from .process import RUNNER_FILE, RunnerDied, RunnerProcess
 from .pty import PtySession
 from .rpc import RPCError, RPCServer, method_table
-from .sandbox.probe import Isolation, probe_isolation
-from .sandbox.uids import UidPool
-from .sandbox.workdirs import make_workdir, remove_workdir, write_upload
+from .sandbox.host import Host, Sandbox, SandboxUnavailable
+from .sandbox.probe import Isolation
+from .sandbox.workdirs import write_upload
 from .stats import measure
 from .zygote import Zygotes
 
@@ -50,8 +48,6 @@ log = logging.getLogger("sorna_agent")
 SHUTDOWN_LINGER = 3.0       # seconds to deliver the last events at shutdown
 MAX_KERNEL_ID = 128
 MIN_KERNEL_MEM = 32 << 20
-SCRATCH_PREFIX = "sorna-agent-"
-OWNER_FILE = ".agent-pid"
 
 
 def split_bind_addr(addr: str) -> tuple[str, int]:
@@ -73,7 +69,7 @@ def _advertise_host(bind_host: str, configured: str | None) -> str:
 
 
 class Agent:
-    def __init__(self, config: SornaConfig):
+    def __init__(self, config: SornaConfig, *, private_mounts: bool = False):
         self.config = config
         self.instance_id = config.agent_instance_id or f"i-{socket.gethostname()}"
         try:
@@ -82,12 +78,11 @@ class Agent:
             raise AgentStartError(f"invalid setting agent_rpc_addr: {exc}") from None
         self.addr = f"tcp://{_advertise_host(self.bind_host, config.agent_advertise_host)}" \
                     f":{self.port}"
-        self.scratch = Path(config.agent_scratch_dir or (config.data_dir / "agent-scratch"))
-        self.isolation = Isolation(False, False, False)
+        self.host = Host(config, self.instance_id, private_mounts)
+        self.isolation = Isolation()
         self.languages: dict[str, Language] = {}
         self.kernels: dict[str, Kernel] = {}
         self.creating = 0
-        self.uids: UidPool | None = None
         self.pool: WarmPool | None = None
         self.zygotes = Zygotes(str(RUNNER_FILE), self.instance_id)
         self.events: EventSender | None = None
@@ -95,24 +90,26 @@ class Agent:
         self.rpc: RPCServer | None = None
         self.execution = Execution(self)
         self.stopping = asyncio.Event()
-        self._own_scratch: Path | None = None
         self.tasks: set[asyncio.Task[Any]] = set()     # loops and requests: cancelled at stop
         self.cleanups: set[asyncio.Task[Any]] = set()  # kernel terminations: awaited at stop
 
     # --- start and stop ------------------------------------------------------
 
     async def start(self) -> None:
-        self.isolation = probe_isolation(want=self.config.agent_isolation != "none")
         try:
-            self.languages = load_catalogue(for_other_users=self.isolation.uid_switch)
+            self.isolation = self.host.prepare()
+        except (SandboxUnavailable, OSError) as exc:
+            raise AgentStartError(str(exc)) from None
+        try:
+            self.languages = load_catalogue(
+                for_other_users=self.isolation.uid_switch,
+                visible_in=self.config.agent_rootfs_binds if self.isolation.mount_ns else None)
         except CatalogueError as exc:
             raise AgentStartError(str(exc)) from None
         if not self.languages:
-            raise AgentStartError("no language of the catalogue has a usable interpreter")
-        self.scratch = self._usable_scratch(self.scratch)
-        uid_count = self.config.agent_max_kernels + self.config.agent_pool_size * \
-            len(self.languages) + 8
-        self.uids = UidPool(self.instance_id, uid_count)
+            raise AgentStartError("no language of the catalogue has a usable interpreter"
+                                  + (" inside the kernels' root (agent_rootfs_binds)"
+                                     if self.isolation.mount_ns else ""))
         self.ctx = zmq.asyncio.Context()
         self.rpc = RPCServer(self.ctx, self.config.agent_bind_addr, method_table(self))
         self.events = EventSender(self.ctx, self.instance_id, self.config.agent_managers,
@@ -125,6 +122,10 @@ class Agent:
                  self.instance_id, self.config.agent_bind_addr, self.addr,
                  ", ".join(self.config.agent_managers) or "none")
         log.info("isolation: %s", self.isolation.describe())
+        for refusal in self.isolation.refused:
+            log.warning("the host refused %s", refusal)
+        for protection in self.isolation.protections_off():
+            log.warning("kernels run WITHOUT %s", protection)
         log.info("languages: %s; warm pool %d per language; max %d kernels",
                  ", ".join(sorted(self.languages)), self.config.agent_pool_size,
                  self.config.agent_max_kernels)
@@ -132,23 +133,6 @@ class Agent:
         for coro in (self.rpc.serve(self.spawn_task), self._heartbeats(), self._stats_loop(),
                      self._idle_sweeper()):
             self.spawn_task(coro)
-
-    def _usable_scratch(self, wanted: Path) -> Path:
-        """The kernels' folders must be reachable by their unprivileged uids."""
-        wanted.mkdir(parents=True, exist_ok=True)
-        if not self.isolation.uid_switch or world_searchable(wanted):
-            return wanted
-        if self.config.agent_scratch_dir is not None:
-            log.warning("scratch dir %s is not searchable by other users: kernels may fail "
-                        "to reach their own folders", wanted)
-            return wanted
-        _remove_stale_scratch(Path(tempfile.gettempdir()))
-        private = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{self.instance_id[:40]}-"))
-        private.chmod(0o711)
-        (private / OWNER_FILE).write_text(str(os.getpid()))
-        self._own_scratch = private
-        log.info("kernel folders in %s (%s is not searchable by other users)", private, wanted)
-        return private
 
     def spawn_task(self, coro: Awaitable[Any], *, cleanup: bool = False) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -168,11 +152,10 @@ class Agent:
         await asyncio.gather(*(self.terminate(k, proto.REASON_AGENT_SHUTDOWN)
                                for k in list(self.kernels.values())), return_exceptions=True)
         await self.zygotes.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.host.close)
         if self.events is not None:
             self.events.emit("instance_terminated", reason=reason)
             await self.events.close(SHUTDOWN_LINGER)
-        if self._own_scratch is not None:
-            remove_workdir(self._own_scratch)
         if self.rpc is not None:
             self.rpc.close()
         if self.ctx is not None:
@@ -208,45 +191,46 @@ class Agent:
 
     # --- runner processes -------------------------------------------------------
 
-    async def spawn_runner(self, lang: Language, uid: int | None = None,
-                           workdir: Path | None = None,
+    async def spawn_runner(self, lang: Language, sandbox: Sandbox | None = None,
                            limits: KernelLimits | None = None) -> RunnerProcess:
-        assert self.uids is not None
-        own_uid = uid is None and self.isolation.uid_switch
-        if own_uid:
-            uid = self.uids.take()
-        own_dir = workdir is None
+        """A runner in `sandbox`, or in a new sandbox of its own (pool runners)."""
+        limits = limits or self.max_limits(lang)
+        own = sandbox is None
+        if sandbox is None:
+            sandbox = self.host.new_sandbox(memory=limits.max_mem, procs=limits.max_procs)
         try:
-            if workdir is None:
-                workdir = make_workdir(self.scratch, f"k-{uuid.uuid4().hex[:16]}", uid)
-            runner = RunnerProcess(lang, uid, workdir)
-            limits = limits or self.max_limits(lang)
+            runner = RunnerProcess(lang, sandbox)
             try:
-                await runner.start(self.isolation, rlimits_for(limits, self.isolation),
+                await runner.start(self.host.spec(sandbox), rlimits_for(limits, self.isolation),
                                    limits.max_output, await self.zygotes.get(lang.python))
             except BaseException:
-                await asyncio.shield(runner.kill())
+                await asyncio.shield(self.kill_runner(runner))
                 raise
         except BaseException:
-            if own_dir and workdir is not None:
-                remove_workdir(workdir)
-            if own_uid and uid is not None:
-                self.uids.give_back(uid)
+            if own:
+                await asyncio.shield(self.host.destroy(sandbox))
             raise
         return runner
 
-    async def discard_runner(self, runner: RunnerProcess) -> None:
-        """Kill a runner that is no kernel's (pool leftovers) and free its uid and folder."""
+    async def kill_runner(self, runner: RunnerProcess) -> None:
+        """Kill a runner and whatever of its sandbox still runs (the sandbox stays)."""
         await runner.kill()
-        await asyncio.get_running_loop().run_in_executor(None, remove_workdir, runner.workdir)
-        if runner.uid is not None and self.uids is not None:
-            self.uids.give_back(runner.uid)
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.host.kill_leftovers, runner.sandbox, runner.init_pid is not None)
+
+    async def discard_runner(self, runner: RunnerProcess) -> None:
+        """Kill a runner that is no kernel's (pool leftovers) and destroy its sandbox."""
+        await self.kill_runner(runner)
+        await self.host.destroy(runner.sandbox)
 
     def _watch(self, kernel: Kernel, runner: RunnerProcess) -> None:
         def on_exit(dead: RunnerProcess) -> None:
-            if kernel.runner is dead and not kernel.closing and not kernel.restarting:
-                log.info("kernel %s: its process exited by itself", kernel.id)
-                self.end_later(kernel, proto.REASON_EXITED)
+            if kernel.runner is not dead or kernel.closing or kernel.restarting or kernel.busy:
+                return  # a run in progress sees it die and decides (execution.py)
+            oom = kernel.sandbox.new_oom_kills()
+            log.info("kernel %s: its process exited by itself%s", kernel.id,
+                     " (killed: out of memory)" if oom else "")
+            self.end_later(kernel, proto.REASON_OOM if oom else proto.REASON_EXITED)
         runner.on_exit = on_exit
 
     # --- kernel lifecycle ---------------------------------------------------------
@@ -282,16 +266,13 @@ class Agent:
             return dict(kernel.usage.last)
         kernel.closing = True
         self.kernels.pop(kernel.id, None)
-        loop = asyncio.get_running_loop()
         stats = dict(kernel.usage.last)
         try:
             stats = await self._measure(kernel)
             if kernel.pty is not None:
                 await kernel.pty.close()
-            await kernel.runner.kill()
-            await loop.run_in_executor(None, remove_workdir, kernel.workdir)
-            if kernel.uid is not None and self.uids is not None:
-                self.uids.give_back(kernel.uid)
+            await self.kill_runner(kernel.runner)
+            await self.host.destroy(kernel.sandbox)
         except Exception:
             log.exception("kernel %s: clean-up failed", kernel.id)
         finally:
@@ -307,7 +288,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(None, measure, kernel.usage, kernel.root_pids(),
-                                              self.isolation.net_ns)
+                                              kernel.sandbox.cgroup, self.isolation.net_ns)
         except Exception:
             log.exception("kernel %s: cannot measure usage", kernel.id)
             return dict(kernel.usage.last)
@@ -318,13 +299,14 @@ class Agent:
         kernel.available.clear()
         try:
             await self._measure(kernel)
-            kernel.usage.close_run()
+            if kernel.sandbox.cgroup is None:  # cgroup counters simply go on
+                kernel.usage.close_run()
             if kernel.pty is not None:
                 await kernel.pty.close()
                 kernel.pty = None
-            await kernel.runner.kill()
-            runner = await self.spawn_runner(kernel.lang, kernel.uid, kernel.workdir,
-                                             kernel.limits)
+            await self.kill_runner(kernel.runner)
+            kernel.sandbox.new_oom_kills()  # those of the run that was just stopped
+            runner = await self.spawn_runner(kernel.lang, kernel.sandbox, kernel.limits)
             await self._assign(runner, kernel.limits)
             kernel.runner = runner
             self._watch(kernel, runner)
@@ -337,6 +319,8 @@ class Agent:
             kernel.available.set()
 
     async def _assign(self, runner: RunnerProcess, limits: KernelLimits) -> None:
+        self.host.set_memory(runner.sandbox, limits.max_mem)
+        runner.set_output_limit(limits.max_output)
         reply = await asyncio.wait_for(
             runner.request({"op": "assign", "max_mem": limits.max_mem,
                             "max_output": limits.max_output}), 10)
@@ -367,6 +351,17 @@ class Agent:
                                    f"cannot start a kernel: {exc}") from None
                 raise
         raise AssertionError("unreachable")
+
+    async def sweep(self, kernel: Kernel) -> None:
+        """Kill what the last run left running: only the runner's own processes, a
+        shell kernel's session shell and the terminal's processes stay."""
+        runner = kernel.runner
+        pty_session = kernel.pty.session_id() if kernel.pty is not None else None
+        killed = await self.host.sweep(kernel.sandbox, runner.keep_pids(), runner.pid,
+                                       runner.pid if kernel.lang.kind == "shell" else None,
+                                       pty_session)
+        if killed:
+            log.info("kernel %s: killed %d processes its run left behind", kernel.id, killed)
 
     def get_kernel(self, args: dict[str, Any]) -> Kernel:
         kernel = self.kernels.get(args["kernel_id"])
@@ -509,20 +504,9 @@ class Agent:
                     self.end_later(kernel, proto.REASON_IDLE)
 
 
-def _remove_stale_scratch(tmp: Path) -> None:
-    """Remove fallback scratch folders left by agents that were killed."""
-    for folder in tmp.glob(f"{SCRATCH_PREFIX}*"):
-        try:
-            owner = int((folder / OWNER_FILE).read_text())
-        except (OSError, ValueError):
-            continue
-        if not psutil.pid_exists(owner):
-            remove_workdir(folder)
-
-
-async def serve(config: SornaConfig) -> None:
+async def serve(config: SornaConfig, *, private_mounts: bool = False) -> None:
     """Run an agent until SIGTERM/SIGINT; then destroy every kernel and exit."""
-    agent = Agent(config)
+    agent = Agent(config, private_mounts=private_mounts)
     loop = asyncio.get_running_loop()
     stop = agent.stopping
     signals_seen = 0

@@ -1,7 +1,14 @@
 """Running code in a kernel: query, batch and complete, the exec timeout, the results.
 
 Runs in one kernel are serialised by its lock.  What a kernel answers is
-untrusted: results are rebuilt from checked fields only.
+untrusted: results are rebuilt from checked fields only, and the output cap is
+enforced here too (the runner's own cap is the tenant's to tamper with).
+
+When execute returns (the run finished, stopped for input, timed out, or its
+process died) the agent kills what the run left running (`Lifecycle.sweep`:
+only the kernel's own processes and its terminal stay), and looks at its OOM
+counter: any OOM kill during the run ends it with the error `out-of-memory`,
+and the kernel is restarted (same id and folder, state lost).
 """
 from __future__ import annotations
 
@@ -19,6 +26,9 @@ log = logging.getLogger("sorna_agent")
 
 INTERRUPT_GRACE = 1.0       # seconds a run gets to stop after SIGINT before a kill + restart
 COMPLETE_TIMEOUT = 5.0
+MAX_COMPLETIONS = 1000
+MAX_COMPLETION_CHARS = 1000
+ERR_OUT_OF_MEMORY = "out-of-memory"  # an execute error type, like proto.REASON_OOM
 
 
 class Lifecycle(Protocol):
@@ -27,6 +37,9 @@ class Lifecycle(Protocol):
     async def replace_runner(self, kernel: Kernel) -> None: ...
 
     def end_later(self, kernel: Kernel, reason: str) -> None: ...
+
+    async def sweep(self, kernel: Kernel) -> None:
+        """Kill the processes the last run left behind."""
 
 
 class Execution:
@@ -43,13 +56,43 @@ class Execution:
             kernel.touch()
             try:
                 if mode == "query":
-                    return await self._query(kernel, code)
-                if mode == "batch":
-                    return await self._batch(kernel, opts)
-                return await self._complete(kernel, code, opts)
+                    result = await self._query(kernel, code)
+                elif mode == "batch":
+                    result = await self._batch(kernel, opts)
+                else:
+                    result = await self._complete(kernel, code, opts)
+            except RPCError as exc:
+                if exc.type == proto.ERR_EXECUTION_TIMEOUT:
+                    await self._end_of_run(kernel, exc.details.get("console", []))
+                raise
             finally:
                 kernel.busy -= 1
                 kernel.touch()
+            await self._end_of_run(kernel, result["console"])
+            return result
+
+    async def _end_of_run(self, kernel: Kernel, console: list[list[str]]) -> None:
+        """Kill what the run left; an OOM kill during it turns it into an error."""
+        if kernel.sandbox.new_oom_kills():
+            raise await self._out_of_memory(kernel, console)
+        if kernel.runner.alive:
+            await self.lifecycle.sweep(kernel)
+
+    async def _out_of_memory(self, kernel: Kernel, console: list[list[str]]) -> RPCError:
+        limit = kernel.limits.max_mem >> 20
+        log.info("kernel %s: out of memory (limit %d MiB): restarting it", kernel.id, limit)
+        try:
+            await self.lifecycle.replace_runner(kernel)
+            state = "the kernel was restarted and its state is lost"
+        except (RunnerDied, OSError, TimeoutError, RuntimeError) as exc:
+            log.warning("kernel %s: restart after an OOM kill failed: %s", kernel.id, exc)
+            self.lifecycle.end_later(kernel, proto.REASON_OOM)
+            state = "the kernel could not be restarted and has ended"
+        note = (f"\n[out of memory: a process of this run was killed for going over the "
+                f"kernel's memory limit of {limit} MiB; {state}]\n")
+        return RPCError(ERR_OUT_OF_MEMORY,
+                        f"the run went over the memory limit of {limit} MiB",
+                        console=[*console, ["stderr", note]])
 
     async def _query(self, kernel: Kernel, code: str) -> dict[str, Any]:
         if kernel.waiting_input:
@@ -64,8 +107,10 @@ class Execution:
         if reply.get("type") != "done":
             raise RPCError(proto.ERR_EXECUTION_FAILED, f"kernel answered {reply.get('type')!r}")
         kernel.waiting_input = reply.get("status") == "waiting-input"
-        result: dict[str, Any] = {"status": status or reply.get("status", "finished"),
-                                  "console": clean_console(reply.get("console"))}
+        given = reply.get("status")
+        result: dict[str, Any] = {
+            "status": status or (given if given in RUN_STATUSES else "finished"),
+            "console": clean_console(reply.get("console"), kernel.limits.max_output)}
         if kernel.waiting_input:
             result["options"] = {"is_password": bool((reply.get("options") or {})
                                                      .get("is_password"))}
@@ -109,9 +154,12 @@ class Execution:
             raise RPCError(proto.ERR_EXECUTION_TIMEOUT, "completion took too long",
                            console=[]) from None
         except RunnerDied:
-            raise RPCError(proto.ERR_EXECUTION_FAILED, "the kernel process exited") from None
-        items = [item for item in reply.get("items", []) if isinstance(item, str)]
-        return {"status": "finished", "console": [], "completions": items}
+            raise await self._died_during_run(kernel) from None
+        items = reply.get("items")
+        completions = [item[:MAX_COMPLETION_CHARS] for item in
+                       (items if isinstance(items, list) else [])[:MAX_COMPLETIONS]
+                       if isinstance(item, str)]
+        return {"status": "finished", "console": [], "completions": completions}
 
     async def _run(self, kernel: Kernel, msg: dict[str, Any]) -> dict[str, Any]:
         """Send one run to the kernel and wait for its end, within the exec timeout."""
@@ -137,8 +185,18 @@ class Execution:
                 timer.cancel()
             raise await self._stop_timed_out_run(kernel, timeout)
         except RunnerDied:
-            raise RPCError(proto.ERR_EXECUTION_FAILED,
-                           "the kernel process exited during the run") from None
+            raise await self._died_during_run(kernel) from None
+
+    async def _died_during_run(self, kernel: Kernel) -> RPCError:
+        """The kernel's process died mid-run: out of memory (restart), or gone (end)."""
+        if kernel.sandbox.new_oom_kills():
+            return await self._out_of_memory(kernel, [])
+        self.lifecycle.end_later(kernel, proto.REASON_EXITED)
+        if kernel.runner.violation is not None:
+            return RPCError(proto.ERR_EXECUTION_FAILED,
+                            f"the kernel broke the agent protocol ({kernel.runner.violation}) "
+                            "and was ended")
+        return RPCError(proto.ERR_EXECUTION_FAILED, "the kernel process exited during the run")
 
     async def _stop_timed_out_run(self, kernel: Kernel, timeout: float) -> RPCError:
         """Interrupt the run; restart the kernel if it does not stop.  The error to raise."""
@@ -147,7 +205,7 @@ class Execution:
         note = f"\n[execution timed out after {timeout:g} s: the run was stopped]\n"
         try:
             reply = await asyncio.wait_for(runner.receive(), INTERRUPT_GRACE)
-            console = clean_console(reply.get("console"))
+            console = clean_console(reply.get("console"), kernel.limits.max_output)
             kernel.waiting_input = reply.get("status") == "waiting-input"
         except TimeoutError:
             console = []
@@ -164,13 +222,31 @@ class Execution:
                         f"execution exceeded the time limit of {timeout:g} s", console=console)
 
 
-def clean_console(console: Any) -> list[list[str]]:
-    """Console records from a kernel, checked (the kernel is untrusted)."""
+RUN_STATUSES = frozenset({"finished", "continued", "waiting-input", "build-finished"})
+MAX_KIND_CHARS = 32
+NOTES_ALLOWANCE = 512  # characters beyond the limit for the runner's own notes (truncation)
+
+
+def clean_console(console: Any, limit: int) -> list[list[str]]:
+    """Console records from a kernel, checked and capped at `limit` characters of output
+    (the kernel is untrusted: its own cap may have been tampered with)."""
     records: list[list[str]] = []
     if not isinstance(console, list):
         return records
+    size = dropped = 0
     for record in console:
-        if isinstance(record, (list, tuple)) and len(record) == 2 \
-                and isinstance(record[0], str) and isinstance(record[1], str):
-            records.append([record[0], record[1]])
+        if not (isinstance(record, (list, tuple)) and len(record) == 2
+                and isinstance(record[0], str) and isinstance(record[1], str)):
+            continue
+        kind, text = record[0][:MAX_KIND_CHARS], record[1]
+        room = max(limit + NOTES_ALLOWANCE - size, 0)
+        if len(text) > room:
+            dropped += len(text) - room
+            text = text[:room]
+        if text:
+            size += len(text)
+            records.append([kind, text])
+    if dropped:
+        records.append(["stderr", f"\n[output truncated by the agent: {dropped} more "
+                                  f"characters over the limit of {limit} per execution]\n"])
     return records
