@@ -102,6 +102,8 @@ class PtySession:
         wrapper += [NSENTER_FLAGS[name] for name in iso.namespaces]
         if iso.uid_switch:
             wrapper += ["-S", str(kernel.uid), "-G", str(kernel.uid)]
+        elif iso.userns:  # already the namespace's only user; it may not set groups
+            wrapper.append("--preserve-credentials")
         wrapper += ["--wd", "--"]  # the target's folder: the kernel's home
         if iso.userns and shutil.which("setpriv"):  # uid 0 of the namespace, but no powers
             wrapper += ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]

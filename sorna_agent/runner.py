@@ -264,10 +264,12 @@ def build_root(plan: Spec, workdir: str) -> None:
     os.makedirs(home)
     mount(workdir, home, None, MS_BIND)
     os.mkdir(root + "/proc")
+    # our PID namespace's /proc, mounted while the host's is still in view (a user
+    # namespace may mount proc only beside a fully visible one)
+    mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.chdir(root)
     _pivot_into_cwd()
-    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     os.chdir(plan["home"])  # where a terminal entering our namespaces starts
 
 

@@ -132,6 +132,25 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
         return False
 
 
+def wait_for_exit(pids: Iterable[int], timeout: float = 5.0) -> list[int]:
+    """Poll until none of `pids` is a live (non-zombie) process; return those still alive."""
+    import psutil
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    deadline = time.monotonic() + timeout
+    remaining = list(pids)
+    while True:
+        remaining = [pid for pid in remaining if alive(pid)]
+        if not remaining or time.monotonic() > deadline:
+            return remaining
+        time.sleep(0.05)
+
+
 def ping_agent(addr: str, timeout: float) -> bool:
     from sorna_server import agent_protocol as proto
     ctx = zmq.Context.instance()

@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import signal
-import time
-
-import psutil
 
 from sorna_server import agent_protocol as proto
-from tests.helpers import pty_exchange, stderr_of, stdout_of
+from tests.helpers import pty_exchange, stderr_of, stdout_of, wait_for_exit
 
 
 def test_plain_processes_still_run_and_clean_up(harness_factory):
@@ -31,9 +28,7 @@ def test_plain_processes_still_run_and_clean_up(harness_factory):
     assert stdout_of(harness.query(bash, "cd /; pwd")) == "/\n"
     pty_exchange(harness, created, b"echo pty-$((6*7))\n", b"pty-42")
     harness.ok("destroy_kernel", kernel_id=kernel_id)
-    time.sleep(0.2)
-    assert not psutil.pid_exists(child) or \
-        psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    assert wait_for_exit([child]) == []
     assert harness.agent.stop(signal.SIGTERM) == 0
     harness.collect(1.0)
     assert [e["kernel_id"] for e in harness.events if e["type"] == "kernel_terminated"] == \
