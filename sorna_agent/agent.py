@@ -352,14 +352,23 @@ class Agent:
                 raise
         raise AssertionError("unreachable")
 
-    async def sweep(self, kernel: Kernel) -> None:
-        """Kill what the last run left running: only the runner's own processes, a
-        shell kernel's session shell and the terminal's processes stay."""
+    async def sweep(self, kernel: Kernel, exact: bool = False) -> None:
+        """Kill what the last run left running: only the runner's own processes (PID 1
+        and its reaper included), a shell kernel's session shell and the terminal's
+        processes stay."""
+        if not exact and self.host.unchanged(kernel.sandbox):
+            return  # the common case after a run: nothing new in its cgroup
         runner = kernel.runner
-        pty_session = kernel.pty.session_id() if kernel.pty is not None else None
-        killed = await self.host.sweep(kernel.sandbox, runner.keep_pids(), runner.pid,
-                                       runner.pid if kernel.lang.kind == "shell" else None,
-                                       pty_session)
+        sessions = {runner.outer_pid} if runner.outer_pid else set()  # PID 1's (its reaper)
+        if kernel.pty is not None and kernel.pty.session_id() is not None:
+            sessions.add(kernel.pty.session_id() or 0)
+        try:
+            killed = await self.host.sweep(kernel.sandbox, runner.keep_pids(), runner.pid,
+                                           runner.pid if kernel.lang.kind == "shell" else None,
+                                           sessions, exact)
+        except Exception:
+            log.exception("kernel %s: cannot sweep what its run left", kernel.id)
+            return
         if killed:
             log.info("kernel %s: killed %d processes its run left behind", kernel.id, killed)
 
@@ -492,6 +501,9 @@ class Agent:
             figures = await asyncio.gather(*(self._measure(k) for k in kernels))
             self.events.emit("instance_stats",
                              stats={k.id: s for k, s in zip(kernels, figures, strict=True)})
+            for kernel in kernels:  # between runs: what a run may have hidden (sweep)
+                if not kernel.busy and not kernel.closing and not kernel.restarting:
+                    await self.sweep(kernel, exact=True)
 
     async def _idle_sweeper(self) -> None:
         period = max(0.05, min(1.0, self.config.agent_idle_timeout / 4))

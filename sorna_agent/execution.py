@@ -72,7 +72,7 @@ class Execution:
             return result
 
     async def _end_of_run(self, kernel: Kernel, console: list[list[str]]) -> None:
-        """Kill what the run left; an OOM kill during it turns it into an error."""
+        """An OOM kill during the run turns it into an error; what it left is killed."""
         if kernel.sandbox.new_oom_kills():
             raise await self._out_of_memory(kernel, console)
         if kernel.runner.alive:

@@ -3,8 +3,8 @@
 The agent binds a SUB socket (stdin port; raw bytes in) and a PUB socket
 (stdout port; raw bytes out) per kernel.  The terminal process (the language's
 `interactive` command) starts on the first stdin bytes, on a pseudo-terminal,
-in the kernel's sandbox: its cgroup, its namespaces (nsenter into PID 1 of the
-kernel), its uid (or, in a user namespace, without capabilities), its rlimits,
+in the kernel's sandbox: its cgroup, its namespaces (nsenter into those of the
+kernel process), its uid (or, in a user namespace, without capabilities), its rlimits,
 and with no_new_privs, so setuid programs give nothing.  It leads its own
 session: the processes of that session are the terminal's, which the
 end-of-run sweep leaves alone.  When it exits, the next stdin bytes start a
@@ -95,16 +95,15 @@ class PtySession:
         command = list(kernel.lang.interactive) or ["/bin/sh"]
         runner = kernel.runner
         iso = kernel.isolation
-        target = runner.init_pid or runner.pid
-        if not (iso.namespaces or iso.uid_switch) or not target:
+        if not (iso.namespaces or iso.uid_switch) or not runner.pid:
             return command
-        wrapper = ["nsenter", "-t", str(target)]
+        wrapper = ["nsenter", "-t", str(runner.pid)]
         wrapper += [NSENTER_FLAGS[name] for name in iso.namespaces]
         if iso.uid_switch:
             wrapper += ["-S", str(kernel.uid), "-G", str(kernel.uid)]
         elif iso.userns:  # already the namespace's only user; it may not set groups
             wrapper.append("--preserve-credentials")
-        wrapper += ["--wd", "--"]  # the target's folder: the kernel's home
+        wrapper += ["--wd", "--"]  # the kernel process's folder: its home
         if iso.userns and shutil.which("setpriv"):  # uid 0 of the namespace, but no powers
             wrapper += ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
         return wrapper + command

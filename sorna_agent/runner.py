@@ -85,6 +85,8 @@ SIOCSIFFLAGS = 0x8914
 IFF_UP_LOOPBACK_RUNNING = 0x1 | 0x8 | 0x40
 HEADER = struct.Struct(">I")
 HOSTNAME = "sorna-kernel"
+REAPER = ("/bin/sh", "sorna-kernel-init", "-c",
+          "trap '' HUP INT TERM; while :; do sleep 3600; done")
 PRIVATE_FOLDER = ".sorna"  # hidden folder in the kernel's home (query sources, scripts)
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
@@ -177,22 +179,62 @@ def _outer_pid(host_proc: int | None = None) -> int:
 # --- entering the sandbox --------------------------------------------------------------
 
 def enter_sandbox(spec: Spec, ctl_fd: int) -> dict[str, Any]:
-    """Cgroups and namespaces; returns (in the kernel process only) the facts for `ready`."""
+    """Cgroups and namespaces; returns (in the kernel process only) the facts for `ready`.
+
+    `pid1`: the fork server already made our PID namespace, and we are its PID 1."""
     for procs in spec.get("cgroups") or ():
         with open(procs, "w") as fh:
-            fh.write(str(os.getpid()))
+            fh.write("0")  # this process (and all it will start)
     namespaces = list(spec.get("namespaces") or ())
+    pid1 = bool(spec.get("pid1"))
     flags = 0
     for name in namespaces:
-        flags |= NAMESPACES[name]
+        if not (pid1 and name == "pid"):
+            flags |= NAMESPACES[name]
     if flags:
         _check(_libc().unshare(flags), f"unshare {' '.join(namespaces)}")
     if "user" in namespaces:
         _map_own_user(spec["userns"])
     if "pid" not in namespaces:
         return {"namespaces": namespaces, "pid": _outer_pid(), "init_pid": None}
-    init_pid, pid = _fork_init(spec, ctl_fd, namespaces)
-    return {"namespaces": namespaces, "pid": pid, "init_pid": init_pid}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not pid1:
+        _become_init(ctl_fd)
+    host_proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY)  # the agent's view of pids
+    _in_child(_set_up_namespaces, spec, namespaces)
+    _fork_kernel(ctl_fd)
+    facts = {"namespaces": namespaces, "pid": _outer_pid(host_proc),
+             "init_pid": _outer_parent(host_proc)}
+    os.close(host_proc)
+    return facts
+
+
+def _set_up_namespaces(spec: Spec, namespaces: list[str]) -> None:
+    """What holds for the whole namespaces: the root, loopback, the hostname."""
+    if spec.get("rootfs"):
+        build_root(spec["rootfs"], spec["workdir"])
+    if "net" in namespaces:
+        _loopback_up()
+    if "uts" in namespaces:
+        _check(_libc().sethostname(HOSTNAME.encode(), len(HOSTNAME)), "sethostname")
+
+
+def _in_child(work: Any, *args: Any) -> None:
+    """Run `work` in a short-lived child and wait for it: the memory it dirties goes with
+    it, instead of staying private to PID 1 or the kernel for the kernel's whole life."""
+    child = os.fork()
+    if child == 0:
+        try:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            work(*args)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            os._exit(70)
+        os._exit(0)
+    _, status = os.waitpid(child, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise OSError(f"setting up the kernel's namespaces failed ({status})")
 
 
 def _map_own_user(ids: dict[str, int]) -> None:
@@ -205,35 +247,45 @@ def _map_own_user(ids: dict[str, int]) -> None:
         fh.write(f"0 {int(ids['gid'])} 1")
 
 
-def _fork_init(spec: Spec, ctl_fd: int, namespaces: list[str]) -> tuple[int, int]:
-    """Outer process waits; PID 1 builds the root and reaps; returns in the kernel.
-
-    Returns the outer pids of PID 1 (kill it to end everything) and of the kernel."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _become_init(ctl_fd: int) -> None:
+    """After unsharing the PID namespace ourselves: the outer process only waits for its
+    first child, PID 1 of the namespace; returns in that child."""
     init = os.fork()
     if init:
         os.close(ctl_fd)
         _, status = os.waitpid(init, 0)
         os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    host_proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY)  # the agent's view of pids
-    init_pid = _outer_pid(host_proc)
-    if spec.get("rootfs"):
-        build_root(spec["rootfs"], spec["workdir"])
-    if "net" in namespaces:
-        _loopback_up()
-    if "uts" in namespaces:
-        _check(_libc().sethostname(HOSTNAME.encode(), len(HOSTNAME)), "sethostname")
+
+
+def _fork_kernel(ctl_fd: int) -> None:
+    """PID 1 forks the kernel process and then only reaps orphans; returns in the kernel.
+
+    PID 1 becomes a small shell looping on `sleep` (a shell reaps every child it has,
+    orphans included): a Python process would keep about 1 MiB of memory of its own per
+    kernel.  Without /bin/sh, a Python loop reaps instead."""
     kernel = os.fork()
     if kernel:
         os.close(ctl_fd)
-        os.close(host_proc)
-        _reap_until(kernel)
+        try:
+            os.execv(REAPER[0], list(REAPER[1:]))
+        except OSError:
+            _reap_until(kernel)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    pid = _outer_pid(host_proc)
-    os.close(host_proc)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    return init_pid, pid
+
+
+def _outer_parent(host_proc: int) -> int | None:
+    """Our parent's pid as the agent sees it."""
+    try:
+        fd = os.open("self/stat", os.O_RDONLY, dir_fd=host_proc)
+        try:
+            data = os.read(fd, 4096).decode()
+        finally:
+            os.close(fd)
+        return int(data[data.rfind(")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _reap_until(kernel: int) -> NoReturn:
@@ -248,7 +300,8 @@ def _reap_until(kernel: int) -> NoReturn:
 
 
 def build_root(plan: Spec, workdir: str) -> None:
-    """The kernel's private root: see docs/kernel-sandbox.md.  Runs as PID 1."""
+    """The kernel's private root: see docs/kernel-sandbox.md.  Runs in the kernel process
+    (still root), in the kernel's mount and PID namespaces."""
     root = plan["stage"]
     os.umask(0o022)
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we do here reaches the host
@@ -270,7 +323,6 @@ def build_root(plan: Spec, workdir: str) -> None:
     mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.chdir(root)
     _pivot_into_cwd()
-    os.chdir(plan["home"])  # where a terminal entering our namespaces starts
 
 
 def _bind_readonly(source: str, target: str) -> None:
@@ -879,6 +931,8 @@ def start_kernel(spec: Spec, ctl_fd: int) -> NoReturn:
     """Sandbox this process as the spec says, then serve as its kernel. Never returns."""
     facts = enter_sandbox(spec, ctl_fd)
     apply_limits_and_drop(spec)
+    import gc
+    gc.enable()
     chan = Channel(ctl_fd)
     kernel = KERNELS[spec.get("kind", "python")](chan, spec)
     chan.send({"type": "ready", "uid": os.getuid(), **facts})
@@ -912,13 +966,18 @@ def preload() -> None:
         importlib.import_module(name)
 
 
-def _zygote_child(zsock: socket.socket, zygote_pid: int, spec: Spec, ctl_fd: int) -> NoReturn:
-    """In the fork: undo the zygote's own settings, then become the runner."""
+def _zygote_child(zsock: socket.socket, zygote: int, spec: Spec, ctl_fd: int,
+                  own_pid_ns: int | None) -> NoReturn:
+    """In the fork: undo the zygote's own settings, then become the runner.
+    `zygote`: a pidfd of the zygote (our parent, outside our PID namespace as PID 1)."""
     try:
         zsock.close()
+        if own_pid_ns is not None:
+            os.close(own_pid_ns)
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != zygote_pid:
+        if select.select([zygote], [], [], 0)[0]:
             os._exit(0)  # the zygote died before we were set up
+        os.close(zygote)
         os.setsid()
         sys.argv[1:] = []
         start_kernel(spec, ctl_fd)
@@ -929,15 +988,26 @@ def _zygote_child(zsock: socket.socket, zygote_pid: int, spec: Spec, ctl_fd: int
 
 
 def _zygote_fork(sock: socket.socket, me: int, message: dict[str, Any],
-                 fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-    """Fork a runner for one request: (reply, fds to attach)."""
+                 fds: list[int], own_pid_ns: int | None) -> tuple[dict[str, Any], list[int]]:
+    """Fork a runner for one request: (reply, fds to attach).
+
+    When the runner gets a PID namespace and no user namespace, the zygote makes the
+    namespace itself (unshare, fork, then back to its own): its child is then PID 1
+    at once, and no outer process has to wait for it (one process less per kernel)."""
     if len(fds) != 1 or not isinstance(message.get("spec"), dict):
         raise ValueError("a fork request needs a spec and one control socket")
     spec = message["spec"]
     spec["fd"] = fds[0]
-    pid = os.fork()
-    if pid == 0:
-        _zygote_child(sock, me, spec, fds[0])
+    namespaces = spec.get("namespaces") or ()
+    spec["pid1"] = own_pid_ns is not None and "pid" in namespaces and "user" not in namespaces \
+        and _libc().unshare(CLONE_NEWPID) == 0
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _zygote_child(sock, me, spec, fds[0], own_pid_ns)
+    finally:
+        if spec["pid1"]:
+            _check(_libc().setns(own_pid_ns, CLONE_NEWPID), "back to our PID namespace")
     return {"type": "forked", "pid": pid}, [os.pidfd_open(pid)]
 
 
@@ -948,11 +1018,17 @@ def zygote(sock_fd: int, agent_pid: int) -> NoReturn:
     import gc
     preload()
     gc.freeze()  # what exists now stays shared with the forks (no GC writes to it)
+    gc.disable()  # and no collection between forks either: kernels turn it back on
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # children wait for an explicit reap
     sock = socket.socket(fileno=sock_fd)
     sock.setblocking(True)
-    me = os.getpid()
-    sock.send(json.dumps({"type": "ready", "pid": me}).encode())
+    me = os.pidfd_open(os.getpid())  # our children check through it that we still live
+    try:  # to come back to after making a child's PID namespace (root only)
+        own_pid_ns: int | None = os.open("/proc/self/ns/pid", os.O_RDONLY) \
+            if os.geteuid() == 0 else None
+    except OSError:
+        own_pid_ns = None
+    sock.send(json.dumps({"type": "ready", "pid": os.getpid()}).encode())
     while True:
         try:
             data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 4)
@@ -960,10 +1036,11 @@ def zygote(sock_fd: int, agent_pid: int) -> NoReturn:
             os._exit(0)
         if not data and not fds:
             os._exit(0)  # the agent closed its end
-        _zygote_serve_one(sock, me, data, fds)
+        _zygote_serve_one(sock, me, data, fds, own_pid_ns)
 
 
-def _zygote_serve_one(sock: socket.socket, me: int, data: bytes, fds: list[int]) -> None:
+def _zygote_serve_one(sock: socket.socket, me: int, data: bytes, fds: list[int],
+                      own_pid_ns: int | None) -> None:
     attached: list[int] = []
     try:
         message = json.loads(data)
@@ -973,7 +1050,7 @@ def _zygote_serve_one(sock: socket.socket, me: int, data: bytes, fds: list[int])
             except (ChildProcessError, ValueError, KeyError, TypeError):
                 pass
             return
-        reply, attached = _zygote_fork(sock, me, message, fds)
+        reply, attached = _zygote_fork(sock, me, message, fds, own_pid_ns)
     except (OSError, ValueError, AttributeError) as exc:
         reply = {"type": "error", "message": str(exc)}
     finally:

@@ -52,6 +52,7 @@ class Sandbox:
     home: str                 # the folder as the kernel sees it
     mounted: bool             # the folder is a tmpfs (disk quota)
     oom_kills: int = 0        # OOM kills already accounted for
+    settled_tasks: int = -1   # its task count after the last sweep (nothing to kill)
 
     def new_oom_kills(self) -> int:
         """OOM kills in this sandbox since the last call."""
@@ -217,30 +218,43 @@ class Host:
     # --- what a run leaves behind -------------------------------------------------------
 
     async def sweep(self, sandbox: Sandbox, keep: set[int], kernel_pid: int | None,
-                    shell_parent: int | None, pty_session: int | None) -> int:
+                    shell_parent: int | None, sessions: set[int], exact: bool = False) -> int:
         """SIGKILL the kernel's processes that are not its own long-lived ones: `keep`
         (the runner's), the children of `shell_parent` (a shell kernel's session shell)
-        and the processes of the terminal's session.  Returns how many were killed."""
-        if sandbox.cgroup is not None:  # the common case: one small read, inline
-            pids = sandbox.cgroup.pids()
-            if not set(pids) - keep:
+        and the processes of `sessions` (its PID 1's, its terminal's: no process of a
+        run can join them).  Returns how many were killed.
+
+        With a cgroup, the check after each run is one read of its task count: when it
+        is what the last sweep left, no process was added (unless the run also ended as
+        many of the kernel's own threads; the periodic `exact` sweep catches those)."""
+        cgroup = sandbox.cgroup
+        if cgroup is not None:
+            if not exact and self.unchanged(sandbox):
                 return 0
-            return _kill_strays(pids, keep, shell_parent, pty_session)
+            pids = cgroup.pids()
+            killed = _kill_strays(pids, keep, shell_parent, sessions)
+            sandbox.settled_tasks = -1 if killed else cgroup.task_count()
+            return killed
         if kernel_pid is None:
             return 0
         return await asyncio.get_running_loop().run_in_executor(
-            None, self._sweep_without_cgroup, sandbox, keep, kernel_pid, shell_parent,
-            pty_session)
+            None, self._sweep_without_cgroup, sandbox, keep, kernel_pid, shell_parent, sessions)
+
+    @staticmethod
+    def unchanged(sandbox: Sandbox) -> bool:
+        """Its cgroup holds as many tasks as the last sweep left (one pread)."""
+        return sandbox.cgroup is not None and \
+            sandbox.cgroup.task_count() == sandbox.settled_tasks
 
     def _sweep_without_cgroup(self, sandbox: Sandbox, keep: set[int], kernel_pid: int,
-                              shell_parent: int | None, pty_session: int | None) -> int:
+                              shell_parent: int | None, sessions: set[int]) -> int:
         if self.isolation.pid_ns:
             pids = same_pid_namespace(kernel_pid)
         elif sandbox.uid is not None:
             pids = processes_of(sandbox.uid)
         else:
             pids = descendants(kernel_pid)
-        return _kill_strays(pids, keep, shell_parent, pty_session)
+        return _kill_strays(pids, keep, shell_parent, sessions)
 
 
 def _parent_and_session(pid: int) -> tuple[int, int] | None:
@@ -257,7 +271,7 @@ def _parent_and_session(pid: int) -> tuple[int, int] | None:
 
 
 def _kill_strays(pids: list[int], keep: set[int], shell_parent: int | None,
-                 pty_session: int | None) -> int:
+                 sessions: set[int]) -> int:
     strays = []
     for pid in pids:
         if pid in keep:
@@ -266,8 +280,7 @@ def _kill_strays(pids: list[int], keep: set[int], shell_parent: int | None,
         if facts is None:
             continue
         parent, session = facts
-        if (shell_parent is not None and parent == shell_parent) or \
-                (pty_session is not None and session == pty_session):
+        if (shell_parent is not None and parent == shell_parent) or session in sessions:
             continue
         strays.append(pid)
     cgroups.kill_pids(strays)

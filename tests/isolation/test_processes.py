@@ -87,3 +87,19 @@ def test_terminal_has_no_new_privileges(harness):
     received = pty_exchange(harness, created, b"echo uid-$(id -u) $(ls / | tr -d '\\n')\n",
                             b"workspace")
     assert b"uid-0" not in received
+
+
+def test_a_spinner_hidden_behind_an_ended_thread_is_killed_soon_after(harness_factory):
+    # the check after each run counts the kernel's tasks: a run that ends one of the
+    # kernel's threads and leaves a process keeps the count; the periodic sweep (every
+    # agent_stats_interval) finds it
+    harness = harness_factory(stats_interval=0.5)
+    marker = f"hidden-{uuid.uuid4().hex[:8]}"
+    kernel = harness.create("python3")
+    harness.query(kernel, "import threading\nstop = threading.Event()\n"
+                          "worker = threading.Thread(target=stop.wait)\nworker.start()")
+    result = harness.query(kernel, "import subprocess, sys\nstop.set()\nworker.join()\n"
+                                   "spinner = subprocess.Popen([sys.executable, '-c', "
+                                   f"'while 1: pass', {marker!r}])\nprint('started')")
+    assert stdout_of(result) == "started\n"
+    assert _wait_until_gone(marker, timeout=5.0) == []
