@@ -356,8 +356,8 @@ class Agent:
         """Kill what the last run left running: only the runner's own processes (PID 1
         and its reaper included), a shell kernel's session shell and the terminal's
         processes stay."""
-        if not exact and self.host.unchanged(kernel.sandbox):
-            return  # the common case after a run: nothing new in its cgroup
+        if not exact and self.host.unchanged(kernel.sandbox, kernel.runner.pid):
+            return  # the common case after a run: nothing new in the kernel
         runner = kernel.runner
         sessions = {runner.outer_pid} if runner.outer_pid else set()  # PID 1's (its reaper)
         if kernel.pty is not None and kernel.pty.session_id() is not None:

@@ -224,27 +224,38 @@ class Host:
         and the processes of `sessions` (its PID 1's, its terminal's: no process of a
         run can join them).  Returns how many were killed.
 
-        With a cgroup, the check after each run is one read of its task count: when it
-        is what the last sweep left, no process was added (unless the run also ended as
-        many of the kernel's own threads; the periodic `exact` sweep catches those)."""
-        cgroup = sandbox.cgroup
-        if cgroup is not None:
-            if not exact and self.unchanged(sandbox):
-                return 0
-            pids = cgroup.pids()
-            killed = _kill_strays(pids, keep, shell_parent, sessions)
-            sandbox.settled_tasks = -1 if killed else cgroup.task_count()
-            return killed
-        if kernel_pid is None:
+        After a run the check is one cheap counter (`unchanged`); the full look runs when
+        it moved, and always when `exact` (the agent's periodic sweep)."""
+        if not exact and self.unchanged(sandbox, kernel_pid):
             return 0
-        return await asyncio.get_running_loop().run_in_executor(
-            None, self._sweep_without_cgroup, sandbox, keep, kernel_pid, shell_parent, sessions)
+        if sandbox.cgroup is not None:  # a few small reads: inline
+            killed = _kill_strays(sandbox.cgroup.pids(), keep, shell_parent, sessions)
+        elif kernel_pid is None:
+            return 0
+        else:  # a scan of the host's /proc: in a thread
+            killed = await asyncio.get_running_loop().run_in_executor(
+                None, self._sweep_without_cgroup, sandbox, keep, kernel_pid, shell_parent,
+                sessions)
+        count = self._count(sandbox, kernel_pid)
+        sandbox.settled_tasks = -1 if killed or count is None else count
+        return killed
 
-    @staticmethod
-    def unchanged(sandbox: Sandbox) -> bool:
-        """Its cgroup holds as many tasks as the last sweep left (one pread)."""
-        return sandbox.cgroup is not None and \
-            sandbox.cgroup.task_count() == sandbox.settled_tasks
+    def unchanged(self, sandbox: Sandbox, kernel_pid: int | None) -> bool:
+        """Nothing can have been added since the last sweep: its cgroup holds as many
+        tasks (one pread), or its own /proc lists as many processes.  Without either,
+        only the periodic sweep looks."""
+        count = self._count(sandbox, kernel_pid)
+        return count is None or count == sandbox.settled_tasks
+
+    def _count(self, sandbox: Sandbox, kernel_pid: int | None) -> int | None:
+        if sandbox.cgroup is not None:
+            return sandbox.cgroup.task_count()
+        if self.isolation.mount_ns and kernel_pid:  # its /proc is its PID namespace's
+            try:
+                return sum(name.isdigit() for name in os.listdir(f"/proc/{kernel_pid}/root/proc"))
+            except OSError:
+                return -1
+        return None
 
     def _sweep_without_cgroup(self, sandbox: Sandbox, keep: set[int], kernel_pid: int,
                               shell_parent: int | None, sessions: set[int]) -> int:
