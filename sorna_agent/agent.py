@@ -306,6 +306,7 @@ class Agent:
                 kernel.pty = None
             await self.kill_runner(kernel.runner)
             kernel.sandbox.new_oom_kills()  # those of the run that was just stopped
+            kernel.sandbox.settled_tasks = -1  # new processes: the next sweep looks
             runner = await self.spawn_runner(kernel.lang, kernel.sandbox, kernel.limits)
             await self._assign(runner, kernel.limits)
             kernel.runner = runner

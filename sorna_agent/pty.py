@@ -4,11 +4,11 @@ The agent binds a SUB socket (stdin port; raw bytes in) and a PUB socket
 (stdout port; raw bytes out) per kernel.  The terminal process (the language's
 `interactive` command) starts on the first stdin bytes, on a pseudo-terminal,
 in the kernel's sandbox: its cgroup, its namespaces (nsenter into those of the
-kernel process), its uid (or, in a user namespace, without capabilities), its rlimits,
-and with no_new_privs, so setuid programs give nothing.  It leads its own
-session: the processes of that session are the terminal's, which the
-end-of-run sweep leaves alone.  When it exits, the next stdin bytes start a
-new one.
+kernel's PID 1, then a `cd` into the kernel's home), its uid (or, in a user
+namespace, without capabilities), its rlimits, and with no_new_privs, so setuid
+programs give nothing.  It leads its own session: the processes of that session
+are the terminal's, which the end-of-run sweep leaves alone.  When it exits,
+the next stdin bytes start a new one.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ROWS, DEFAULT_COLS = 24, 80
 PR_SET_NO_NEW_PRIVS = 38
+IN_HOME = ("/bin/sh", "-c", 'cd "$HOME" && exec "$@"', "sorna-pty")  # inside the sandbox
 NSENTER_FLAGS = {"user": "-U", "mnt": "-m", "pid": "-p", "net": "-n", "ipc": "-i", "uts": "-u"}
 RLIMITS = {"as": resource.RLIMIT_AS, "cpu": resource.RLIMIT_CPU, "nproc": resource.RLIMIT_NPROC,
            "fsize": resource.RLIMIT_FSIZE, "core": resource.RLIMIT_CORE}
@@ -95,18 +96,19 @@ class PtySession:
         command = list(kernel.lang.interactive) or ["/bin/sh"]
         runner = kernel.runner
         iso = kernel.isolation
-        if not (iso.namespaces or iso.uid_switch) or not runner.pid:
+        target = runner.init_pid or runner.pid  # PID 1: the kernel process is not dumpable
+        if not (iso.namespaces or iso.uid_switch) or not target:
             return command
-        wrapper = ["nsenter", "-t", str(runner.pid)]
+        wrapper = ["nsenter", "-t", str(target)]
         wrapper += [NSENTER_FLAGS[name] for name in iso.namespaces]
         if iso.uid_switch:
             wrapper += ["-S", str(kernel.uid), "-G", str(kernel.uid)]
         elif iso.userns:  # already the namespace's only user; it may not set groups
             wrapper.append("--preserve-credentials")
-        wrapper += ["--wd", "--"]  # the kernel process's folder: its home
+        wrapper.append("--")
         if iso.userns and shutil.which("setpriv"):  # uid 0 of the namespace, but no powers
             wrapper += ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
-        return wrapper + command
+        return wrapper + [*IN_HOME, *command]
 
     def _start(self) -> None:
         master, slave = os.openpty()
