@@ -26,6 +26,7 @@ log = logging.getLogger("sorna_agent")
 
 INTERRUPT_GRACE = 1.0       # seconds a run gets to stop after SIGINT before a kill + restart
 COMPLETE_TIMEOUT = 5.0
+OOM_POLL = 0.2              # seconds between looks at the OOM counter during a run
 MAX_COMPLETIONS = 1000
 MAX_COMPLETION_CHARS = 1000
 ERR_OUT_OF_MEMORY = "out-of-memory"  # an execute error type, like proto.REASON_OOM
@@ -162,30 +163,40 @@ class Execution:
         return {"status": "finished", "console": [], "completions": completions}
 
     async def _run(self, kernel: Kernel, msg: dict[str, Any]) -> dict[str, Any]:
-        """Send one run to the kernel and wait for its end, within the exec timeout."""
+        """Send one run to the kernel and wait for its end, within the exec timeout; an
+        OOM kill in the kernel ends the wait at once."""
         runner = kernel.runner
         timeout = kernel.limits.exec_timeout
         try:
             runner.send(msg)
             reply = runner.receive()
-            timed_out = False
-
-            def on_timeout() -> None:
-                nonlocal timed_out
-                timed_out = True
-                reply.cancel()
-
-            timer = asyncio.get_running_loop().call_later(timeout, on_timeout)
+            watch = RunWatch(kernel, reply, timeout)
             try:
                 return await reply
             except asyncio.CancelledError:
-                if not timed_out:
-                    raise  # our caller was cancelled, not the timer
+                if watch.reason is None:
+                    raise  # our caller was cancelled, not the watch
             finally:
-                timer.cancel()
-            raise await self._stop_timed_out_run(kernel, timeout)
+                watch.cancel()
+            if watch.reason == RunWatch.OOM:
+                raise await self._stop_run(kernel, RunWatch.OOM)
+            raise await self._stop_run(kernel, RunWatch.TIMEOUT)
         except RunnerDied:
             raise await self._died_during_run(kernel) from None
+
+    async def _stop_run(self, kernel: Kernel, why: str) -> RPCError:
+        """Interrupt a run that must end; for an OOM kill the kernel is then restarted."""
+        if why == RunWatch.TIMEOUT:
+            return await self._stop_timed_out_run(kernel, kernel.limits.exec_timeout)
+        kernel.runner.interrupt()
+        console: list[list[str]] = []
+        try:
+            reply = await asyncio.wait_for(kernel.runner.receive(), INTERRUPT_GRACE)
+            console = clean_console(reply.get("console"), kernel.limits.max_output)
+        except (TimeoutError, RunnerDied):
+            pass
+        kernel.sandbox.new_oom_kills()
+        return await self._out_of_memory(kernel, console)
 
     async def _died_during_run(self, kernel: Kernel) -> RPCError:
         """The kernel's process died mid-run: out of memory (restart), or gone (end)."""
@@ -220,6 +231,38 @@ class Execution:
         log.info("kernel %s: execution timed out after %g s", kernel.id, timeout)
         return RPCError(proto.ERR_EXECUTION_TIMEOUT,
                         f"execution exceeded the time limit of {timeout:g} s", console=console)
+
+
+class RunWatch:
+    """Ends the wait for a run's reply when its time is up, or as soon as the kernel's
+    cgroup counts an OOM kill (polled: one pread every OOM_POLL seconds of the run)."""
+
+    TIMEOUT, OOM = "timeout", "out-of-memory"
+
+    def __init__(self, kernel: Kernel, reply: asyncio.Future[dict[str, Any]], timeout: float):
+        self.kernel = kernel
+        self.reply = reply
+        self.reason: str | None = None
+        self.loop = asyncio.get_running_loop()
+        self.deadline = self.loop.call_later(timeout, self._stop, self.TIMEOUT)
+        self.poll = self.loop.call_later(OOM_POLL, self._check_memory) \
+            if kernel.sandbox.cgroup is not None else None
+
+    def _stop(self, reason: str) -> None:
+        if self.reason is None and not self.reply.done():
+            self.reason = reason
+            self.reply.cancel()
+
+    def _check_memory(self) -> None:
+        if self.kernel.sandbox.oom_pending():
+            self._stop(self.OOM)
+        else:
+            self.poll = self.loop.call_later(OOM_POLL, self._check_memory)
+
+    def cancel(self) -> None:
+        self.deadline.cancel()
+        if self.poll is not None:
+            self.poll.cancel()
 
 
 RUN_STATUSES = frozenset({"finished", "continued", "waiting-input", "build-finished"})

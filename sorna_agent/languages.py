@@ -66,18 +66,6 @@ def world_usable(path: str) -> bool:
     return True
 
 
-def world_searchable(directory: Path) -> bool:
-    """True when other users can reach `directory` (it and all its parents o+x)."""
-    real = Path(os.path.realpath(directory))
-    for path in (real, *real.parents):
-        try:
-            if not path.stat().st_mode & stat.S_IXOTH:
-                return False
-        except OSError:
-            return False
-    return True
-
-
 def visible(path: str, folders: list[str] | None) -> bool:
     """True when `path` (symlinks resolved) lies in one of `folders` (None: anywhere)."""
     if folders is None:

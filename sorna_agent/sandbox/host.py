@@ -54,6 +54,10 @@ class Sandbox:
     oom_kills: int = 0        # OOM kills already accounted for
     settled_tasks: int = -1   # its task count after the last sweep (nothing to kill)
 
+    def oom_pending(self) -> bool:
+        """An OOM kill happened that `new_oom_kills` has not reported yet."""
+        return self.cgroup is not None and self.cgroup.oom_kills() > self.oom_kills
+
     def new_oom_kills(self) -> int:
         """OOM kills in this sandbox since the last call."""
         if self.cgroup is None:

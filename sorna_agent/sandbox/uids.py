@@ -130,14 +130,22 @@ class UidPool:
 
 
 def processes_of(uid: int) -> list[int]:
+    """Processes whose real uid is `uid` (from their status: /proc/PID of a process that
+    is not dumpable, as a kernel is, belongs to root).  Blocking."""
     pids = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if entry.stat(follow_symlinks=False).st_uid == uid:
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
+    wanted = str(uid)
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status") as fh:
+                for line in fh:
+                    if line.startswith("Uid:"):
+                        if line.split()[1] == wanted:
+                            pids.append(int(name))
+                        break
+        except OSError:
+            continue
     return pids
 
 

@@ -34,9 +34,11 @@ def test_memory_limit_covers_every_process_of_a_kernel(harness_factory):
     kernel = harness.create("python3")
     other = harness.create("python3")
     harness.query(kernel, "kept = 'state before'")
+    started = time.monotonic()
     error = harness.error("execute", kernel_id=kernel, mode="query", code=FOUR_CHILDREN,
                           timeout=30)
     assert error["type"] == "out-of-memory", error
+    assert time.monotonic() - started < 10  # the OOM kill ended the run (children sleep 30 s)
     assert "all four finished" not in stdout_of(error)
     assert "out of memory" in stderr_of(error) and "256 MiB" in stderr_of(error)
     # documented outcome: the kernel was restarted (same id, state lost) and serves again
@@ -125,3 +127,16 @@ def test_cpu_usage_is_exact_and_counts_every_process(harness_factory):
     assert stats["cpu_used"] >= 400, stats
     event = harness.terminated(kernel)
     assert event["reason"] == proto.REASON_DESTROYED and event["stats"] == stats
+
+
+async def test_the_client_sees_out_of_memory_through_the_gateway(gateway_factory):
+    gateway = await gateway_factory(agents=1, agent_flags={"max_mem": "256m",
+                                                           "exec_timeout": 20})
+    kernel_id = await gateway.create_kernel("python3")
+    status, body = await gateway.execute(kernel_id, FOUR_CHILDREN)
+    assert status == 500, body
+    assert body["type"].endswith("/kernel-execution-failed")
+    assert body["agentError"]["type"] == "out-of-memory"
+    assert "out of memory" in "".join(text for _, text in body["agentError"]["console"])
+    status, body = await gateway.execute(kernel_id, "6 * 7")  # restarted, usable
+    assert status == 200 and body["result"]["console"] == [["stdout", "42\n"]], body
