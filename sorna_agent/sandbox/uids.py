@@ -5,7 +5,8 @@ is chosen at random the first time and recorded in the agent's state file in
 the data directory, so a restart keeps it.  While the agent runs it holds an
 exclusive lock on `<agent_runtime_dir>/uid-block-<first uid>.lock`; another
 agent on this host that finds its recorded block locked picks a new one, so
-two live agents never share a uid.
+two live agents never share a uid.  A lock file is removed by the agent that
+holds it (when it stops, or at start for those of agents that died).
 
 Inside the block uids are handed out round-robin, so a uid comes back only
 after every other uid of the block has been used.  A uid is given back only
@@ -41,9 +42,13 @@ class UidBlock:
     base: int
     size: int
     lock_fd: int | None = None
+    lock_path: Path | None = None
 
     def release(self) -> None:
+        """Give the block up: its lock file goes while we still hold the lock (see _lock)."""
         if self.lock_fd is not None:
+            if self.lock_path is not None:
+                self.lock_path.unlink(missing_ok=True)
             os.close(self.lock_fd)
             self.lock_fd = None
 
@@ -53,16 +58,29 @@ def state_file(data_dir: Path, instance_id: str) -> Path:
     return data_dir / f"agent-{safe}.json"
 
 
+def lock_path(runtime_dir: Path, base: int) -> Path:
+    return runtime_dir / f"uid-block-{base}.lock"
+
+
 def _lock(runtime_dir: Path, base: int) -> int | None:
-    """Lock the block host-wide; the fd holds the lock, None if another agent holds it."""
-    path = runtime_dir / f"uid-block-{base}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    """Lock the block host-wide; the fd holds the lock, None if another agent holds it.
+
+    The holder removes the file when it gives the block up, so a lock is ours only if
+    the file we locked is still the one at that path (else it was just removed: retry)."""
+    path = lock_path(runtime_dir, base)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        return None
-    return fd
 
 
 def _prepare_runtime_dir(runtime_dir: Path) -> None:
@@ -73,10 +91,23 @@ def _prepare_runtime_dir(runtime_dir: Path) -> None:
                             "cannot write")
 
 
+def remove_stale_locks(runtime_dir: Path) -> None:
+    """Lock files left by agents that died: locked by nobody, so ours to remove."""
+    for path in runtime_dir.glob("uid-block-*.lock"):
+        try:
+            base = int(path.name[len("uid-block-"):-len(".lock")])
+        except ValueError:
+            continue
+        fd = _lock(runtime_dir, base)
+        if fd is not None:
+            UidBlock(base, 0, fd, path).release()
+
+
 def claim_block(state: Path, runtime_dir: Path, uid_min: int, uid_max: int,
                 size: int) -> UidBlock:
     """The agent's uid block: the recorded one if it is free, else a new random one."""
     _prepare_runtime_dir(runtime_dir)
+    remove_stale_locks(runtime_dir)
     count = (uid_max - uid_min + 1) // size
     if count < 1:
         raise UidBlockError("agent_uid_min..agent_uid_max holds no whole uid block")
@@ -90,7 +121,7 @@ def claim_block(state: Path, runtime_dir: Path, uid_min: int, uid_max: int,
             and uid_min <= base <= uid_max - size + 1:
         fd = _lock(runtime_dir, base)
         if fd is not None:
-            return UidBlock(base, size, fd)
+            return UidBlock(base, size, fd, lock_path(runtime_dir, base))
         log.warning("uid block %d of this agent's state is used by another agent on this "
                     "host: choosing another", base)
     for _ in range(64):
@@ -98,7 +129,7 @@ def claim_block(state: Path, runtime_dir: Path, uid_min: int, uid_max: int,
         fd = _lock(runtime_dir, base)
         if fd is not None:
             state.write_text(json.dumps({"uid_base": base, "uid_block_size": size}))
-            return UidBlock(base, size, fd)
+            return UidBlock(base, size, fd, lock_path(runtime_dir, base))
     raise UidBlockError("no free uid block found (too many agents for agent_uid_min..max?)")
 
 
