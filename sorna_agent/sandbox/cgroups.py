@@ -117,6 +117,7 @@ class KernelCgroup:
         self.pids_dir = pids_dir             # the folder with pids.current
         self._events_fd: int | None = None  # the file with the OOM-kill counter, kept open
         self._tasks_fd: int | None = None   # pids.current, kept open
+        self.memory = -1                    # the memory limit last set
 
     def _oom_counter(self, path: Path, key: bytes) -> int:
         if self._events_fd is None:
@@ -206,6 +207,9 @@ class KernelCgroupV1(KernelCgroup):
             _write(cpu / "cpu.cfs_quota_us", str(max(1000, int(cpus * CPU_PERIOD_US))))
 
     def set_memory(self, memory: int) -> None:
+        if memory == self.memory:
+            return
+        self.memory = memory
         mem = self.at["memory"]
         swap = mem / "memory.memsw.limit_in_bytes"
         current = _read_int(mem / "memory.limit_in_bytes")
@@ -263,6 +267,9 @@ class KernelCgroupV2(KernelCgroup):
                                            f"{CPU_PERIOD_US}")
 
     def set_memory(self, memory: int) -> None:
+        if memory == self.memory:
+            return
+        self.memory = memory
         _write(self.path / "memory.max", str(memory))
         if (self.path / "memory.swap.max").exists():
             _write(self.path / "memory.swap.max", "0")
