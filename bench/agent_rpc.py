@@ -1,12 +1,15 @@
 """Agent RPC benchmark: starts its own agent, measures over real ZeroMQ RPC.
 
     python bench/agent_rpc.py [--pool-size 4] [--creates 50] [--executes 1000]
-                              [--parallel 8] [--seconds 5]
+                              [--parallel 8] [--seconds 5] [--density 200]
 
 Figures: create_kernel latency (p50/p95) at a manager's pace (`--create-gap`) and
 under churn (create/destroy back to back), execute `1+1` round trip (p50/p95),
-and executes per second with N kernels executing in parallel.  The client is
-the manager's own `AgentRPCClient`.
+executes per second with N kernels executing in parallel, and memory density:
+the PSS of `--density` idle python kernels (every process of the agent's tree
+but the agent itself, with and without the fork servers and the warm pool).
+The client is the manager's own `AgentRPCClient`.  Reading other users' PSS
+needs root (as the full sandbox does).
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ async def wait_ready(client: AgentRPCClient, addr: str, timeout: float = 30) -> 
             await asyncio.sleep(0.1)
 
 
-async def bench(args: argparse.Namespace, addr: str) -> list[tuple[str, str]]:
+async def bench(args: argparse.Namespace, addr: str, agent_pid: int) -> list[tuple[str, str]]:
     client = AgentRPCClient(default_timeout=30)
     rows: list[tuple[str, str]] = []
     try:
@@ -111,9 +114,44 @@ async def bench(args: argparse.Namespace, addr: str) -> list[tuple[str, str]]:
         rows.append((f"executes/s, {args.parallel} kernels in parallel",
                      f"{sum(counts) / elapsed:,.0f}"))
         await client.call(addr, "reset", {})
+        if args.density:
+            rows += await density(client, addr, args.density, agent_pid)
     finally:
         await client.close()
     return rows
+
+
+def pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def tree_pss_kib(agent_pid: int) -> int:
+    """PSS of every descendant of the agent (fork servers, warm pool, kernels)."""
+    import psutil
+    return sum(pss_kib(child.pid) for child in psutil.Process(agent_pid).children(recursive=True))
+
+
+async def density(client: AgentRPCClient, addr: str, count: int,
+                  agent_pid: int) -> list[tuple[str, str]]:
+    await asyncio.sleep(1.0)  # the warm pool is full again
+    before = tree_pss_kib(agent_pid)
+    kernels = [(await client.call(addr, "create_kernel", {"lang": "python3"}))["kernel_id"]
+               for _ in range(count)]
+    await asyncio.sleep(2.0)  # idle, and the pool refilled
+    after = tree_pss_kib(agent_pid)
+    await client.call(addr, "reset", {})
+    assert len(kernels) == count
+    return [(f"PSS per idle python kernel ({count} kernels)",
+             f"{(after - before) / count / 1024:.2f} MiB"),
+            ("  the same, fork servers and warm pool included",
+             f"{after / count / 1024:.2f} MiB")]
 
 
 def main() -> None:
@@ -126,6 +164,8 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--density", type=int, default=200,
+                        help="idle python kernels for the PSS figure (0: skip it)")
     args = parser.parse_args()
 
     port = free_port()
@@ -135,15 +175,15 @@ def main() -> None:
             [sys.executable, "-m", "sorna_cli", "--data-dir", data_dir, "agent",
              "--rpc-addr", addr, "--instance-id", "i-bench", "--manager",
              f"tcp://127.0.0.1:{free_port()}", "--pool-size", str(args.pool_size),
-             "--max-kernels", str(max(16, args.parallel + 2))],
+             "--max-kernels", str(max(16, args.parallel + 2, args.density + 2))],
             stdout=subprocess.DEVNULL, stderr=open(os.path.join(data_dir, "agent.log"), "wb"),
             env={**os.environ, "SORNA_LOG_LEVEL": "WARNING"})
         try:
             try:
                 import uvloop
-                rows = uvloop.run(bench(args, addr))
+                rows = uvloop.run(bench(args, addr, agent.pid))
             except ImportError:
-                rows = asyncio.run(bench(args, addr))
+                rows = asyncio.run(bench(args, addr, agent.pid))
         finally:
             agent.send_signal(signal.SIGTERM)
             try:

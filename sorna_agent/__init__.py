@@ -18,10 +18,17 @@ class AgentStartError(Exception):
 def run(config: SornaConfig) -> None:
     import asyncio
 
-    from .server import serve
+    from sorna_server.datadir import prepare_data_dir
+
+    from .agent import serve
+    from .sandbox.workdirs import enter_private_mount_namespace
+
+    prepare_data_dir(config.data_dir)
+    # before any thread exists: until then a mount namespace is the whole process's
+    private = config.agent_isolation != "none" and enter_private_mount_namespace()
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, private_mounts=private))
     else:
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, private_mounts=private))

@@ -40,9 +40,9 @@ class EventSender:
         for addr in self.managers:
             self.sock.connect(addr)
         # plain (non-future) view of the same socket for non-blocking sends
-        self._sync = zmq.Socket.shadow(self.sock.underlying)
+        self._sync: zmq.Socket[bytes] = zmq.Socket.shadow(self.sock.underlying)
         self._wakeup = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._flush_loop(), name="events")
@@ -85,7 +85,13 @@ class EventSender:
             while self.queue:
                 if not self._send_ready():
                     # wait until a manager connects (or a new event arrives)
-                    await self.sock.poll(1000, zmq.POLLOUT)
+                    await self._writable(1000)
+
+    async def _writable(self, timeout_ms: int) -> None:
+        """Wait until the socket accepts a message (a manager is connected), or time out."""
+        poller = zmq.asyncio.Poller()
+        poller.register(self.sock, zmq.POLLOUT)
+        await poller.poll(timeout_ms)
 
     async def close(self, linger: float) -> None:
         """Send what is queued (for at most `linger` seconds), then close."""
@@ -96,7 +102,7 @@ class EventSender:
         deadline = loop.time() + linger
         while self.queue and loop.time() < deadline:
             if not self._send_ready():
-                await self.sock.poll(max(1, int((deadline - loop.time()) * 1000)), zmq.POLLOUT)
+                await self._writable(max(1, int((deadline - loop.time()) * 1000)))
         if self.queue:
             log.warning("%d events not delivered at shutdown (no manager listening)",
                         len(self.queue))

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 from .languages import Language
 from .process import RunnerProcess
-from .sandbox import Isolation
+from .sandbox.host import Sandbox
+from .sandbox.probe import Isolation
 from .stats import KernelUsage
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ class KernelLimits:
     max_procs: int
     max_file_size: int
 
-    def public(self) -> dict:
+    def public(self) -> dict[str, float | int]:
         return {"exec_timeout": self.exec_timeout, "max_mem": self.max_mem,
                 "idle_timeout": self.idle_timeout}
 
@@ -52,6 +53,10 @@ class Kernel:
 
     def __post_init__(self) -> None:
         self.available.set()
+
+    @property
+    def sandbox(self) -> Sandbox:
+        return self.runner.sandbox
 
     @property
     def uid(self) -> int | None:

@@ -66,34 +66,34 @@ def world_usable(path: str) -> bool:
     return True
 
 
-def world_searchable(directory: Path) -> bool:
-    """True when other users can reach `directory` (it and all its parents o+x)."""
-    real = Path(os.path.realpath(directory))
-    for path in (real, *real.parents):
-        try:
-            if not path.stat().st_mode & stat.S_IXOTH:
-                return False
-        except OSError:
-            return False
-    return True
+def visible(path: str, folders: list[str] | None) -> bool:
+    """True when `path` (symlinks resolved) lies in one of `folders` (None: anywhere)."""
+    if folders is None:
+        return True
+    real = os.path.realpath(path)
+    return any(real.startswith(os.path.realpath(folder).rstrip("/") + "/")
+               for folder in folders)
 
 
-def _pick_interpreter(candidates: list[str], for_other_users: bool) -> str | None:
+def _pick_interpreter(candidates: list[str], for_other_users: bool,
+                      visible_in: list[str] | None) -> str | None:
     for candidate in candidates:
         path = candidate if os.path.isabs(candidate) else shutil.which(candidate)
         if not path or not os.access(path, os.X_OK):
             continue
-        if for_other_users and not world_usable(path):
+        if (for_other_users and not world_usable(path)) or not visible(path, visible_in):
             continue
         return path
     return None
 
 
-def _tools_present(tools: list[str], for_other_users: bool) -> bool:
+def _tools_present(tools: list[str], for_other_users: bool,
+                   visible_in: list[str] | None) -> bool:
     """Every tool is on the kernels' PATH (and usable by other users when asked)."""
     for tool in tools:
         found = shutil.which(tool, path=os.pathsep.join(TOOL_PATH))
-        if found is None or (for_other_users and not world_usable(found)):
+        if found is None or (for_other_users and not world_usable(found)) \
+                or not visible(found, visible_in):
             return False
     return True
 
@@ -103,8 +103,10 @@ def _expand(words: list[str], python: str) -> list[str]:
 
 
 def load_catalogue(  # noqa: C901  (one flat check per catalogue field)
-        path: Path = CATALOGUE_FILE, *, for_other_users: bool = False) -> dict[str, Language]:
-    """Read the catalogue; languages whose interpreter is missing are left out."""
+        path: Path = CATALOGUE_FILE, *, for_other_users: bool = False,
+        visible_in: list[str] | None = None) -> dict[str, Language]:
+    """Read the catalogue; languages whose interpreter is missing are left out (and those
+    outside `visible_in`, the folders kernels see, when given)."""
     try:
         with open(path, "rb") as fh:
             raw = tomllib.load(fh)
@@ -124,12 +126,13 @@ def load_catalogue(  # noqa: C901  (one flat check per catalogue field)
                                      "language of the catalogue")
             aliases[name] = target
             continue
-        if not _tools_present(list(entry.get("requires", [])), for_other_users):
+        if not _tools_present(list(entry.get("requires", [])), for_other_users, visible_in):
             continue
         kind = entry.get("kind", "python")
         if kind not in RUNNER_KINDS:
             raise CatalogueError(f"language {name!r}: unknown kind {kind!r}")
-        python = _pick_interpreter(list(entry.get("interpreters", ["python3"])), for_other_users)
+        python = _pick_interpreter(list(entry.get("interpreters", ["python3"])), for_other_users,
+                                   visible_in)
         if python is None:
             continue
         query_source = str(entry.get("query_source", ""))

@@ -9,16 +9,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from .languages import Language
 from .process import RunnerProcess
 
 log = logging.getLogger(__name__)
 
-Spawner = Callable[[Language], Awaitable[RunnerProcess]]
+Spawner = Callable[[Language], Coroutine[Any, Any, RunnerProcess]]
 REFILL_CONCURRENCY = 2  # runners started at once per language (this many cores help)
-Discarder = Callable[[RunnerProcess], Awaitable[None]]
+Discarder = Callable[[RunnerProcess], Coroutine[Any, Any, None]]
 
 
 class WarmPool:

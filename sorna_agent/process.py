@@ -1,4 +1,10 @@
-"""One runner process (see runner.py) as the agent sees it: spawn, talk, kill."""
+"""One runner process (see runner.py) as the agent sees it: spawn, talk, kill.
+
+The runner runs the tenant's code, so nothing it sends is trusted once that code
+has run: frames are capped (a few times the kernel's output limit), at most a
+few unread messages are kept, and a runner that breaks the framing is killed.
+Only `ready`, sent before any user code, tells the agent the runner's pids.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .languages import Language
-from .sandbox import Isolation, kill_uid
+from .reaping import wait_pidfd, wait_process
+from .sandbox.host import Sandbox
 from .zygote import Zygote, ZygoteError
 
 log = logging.getLogger(__name__)
@@ -23,7 +30,14 @@ log = logging.getLogger(__name__)
 RUNNER_FILE = Path(__file__).with_name("runner.py")
 HEADER = struct.Struct(">I")
 READY_TIMEOUT = 20.0
-MAX_FRAME_BYTES = 64 << 20
+FRAME_OVERHEAD = 64 << 10   # bytes of a frame beyond its console text
+BYTES_PER_CHAR = 6          # worst case of a character in JSON (a \uXXXX escape)
+MAX_INBOX = 4               # unread messages kept; more is a runner breaking the protocol
+
+
+def max_frame_for(max_output: int) -> int:
+    """The largest frame a runner honouring `max_output` characters can need."""
+    return max_output * BYTES_PER_CHAR + FRAME_OVERHEAD
 
 
 class RunnerDied(Exception):
@@ -46,12 +60,9 @@ class _Channel(asyncio.Protocol):
         buf += data
         while len(buf) >= HEADER.size:
             (size,) = HEADER.unpack_from(buf)
-            if size > MAX_FRAME_BYTES:
-                log.warning("runner %s sent a frame of %d bytes: killing it",
-                            self.owner.pid, size)
+            if size > self.owner.max_frame:
+                self.owner.broken(f"a frame of {size} bytes (at most {self.owner.max_frame})")
                 buf.clear()
-                assert self.transport is not None
-                self.transport.abort()
                 return
             if len(buf) < HEADER.size + size:
                 return
@@ -69,13 +80,12 @@ class _Channel(asyncio.Protocol):
 
 
 class RunnerProcess:
-    """A started runner: its control channel, pids, uid and working directory."""
+    """A started runner: its control channel, its pids and the sandbox it runs in."""
 
-    def __init__(self, lang: Language, uid: int | None, workdir: Path):
+    def __init__(self, lang: Language, sandbox: Sandbox):
         self.lang = lang
-        self.uid = uid
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None  # when started directly, not forked
+        self.sandbox = sandbox
+        self.proc: subprocess.Popen[bytes] | None = None  # when started directly, not forked
         self.outer_pid: int | None = None    # the process started for it (session leader)
         self.pidfd: int | None = None        # a handle on outer_pid, when forked by a zygote
         self.zygote: Zygote | None = None    # ... by this one (it reaps outer_pid when told)
@@ -83,18 +93,37 @@ class RunnerProcess:
         self.init_pid: int | None = None     # PID 1 of its namespace, when it has one
         self.transport: asyncio.Transport | None = None
         self.inbox: collections.deque[dict[str, Any]] = collections.deque()
-        self.waiter: asyncio.Future | None = None
+        self.waiter: asyncio.Future[dict[str, Any]] | None = None
         self.seq = 0                          # number of the last request sent
+        self.max_frame = max_frame_for(1 << 20)
         self.alive = False
         self.killed = False
+        self.violation: str | None = None     # how it broke the protocol, if it did
         self.on_exit: Callable[[RunnerProcess], None] | None = None
         self._gone: asyncio.Event | None = None
 
-    def spec(self, fd: int, isolation: Isolation, rlimits: dict[str, int],
+    @property
+    def uid(self) -> int | None:
+        return self.sandbox.uid
+
+    @property
+    def workdir(self) -> Path:
+        return self.sandbox.workdir
+
+    def keep_pids(self) -> set[int]:
+        """The runner's own processes (known from before any user code ran)."""
+        return {pid for pid in (self.outer_pid, self.init_pid, self.pid) if pid}
+
+    def set_output_limit(self, max_output: int) -> None:
+        self.max_frame = max_frame_for(max_output)
+
+    def spec(self, fd: int, sandbox_spec: dict[str, Any], rlimits: dict[str, int],
              max_output: int) -> dict[str, Any]:
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "HOME": str(self.workdir),
+            "HOME": self.sandbox.home,
+            "USER": "work",
+            "LOGNAME": "work",
             "LANG": "C.UTF-8",
             "LC_ALL": "C.UTF-8",
             "PYTHONIOENCODING": "utf-8",
@@ -102,27 +131,24 @@ class RunnerProcess:
             "TERM": "xterm-256color",
         }
         return {
+            **sandbox_spec,
             "fd": fd,
             "kind": self.lang.kind,
             "shell": self.lang.shell,
             "query": self.lang.query,
             "query_source": self.lang.query_source,
-            "workdir": str(self.workdir),
-            "uid": self.uid if isolation.uid_switch else None,
-            "gid": self.uid if isolation.uid_switch else None,
-            "unshare_net": isolation.net_ns,
-            "unshare_pid": isolation.pid_ns,
             "rlimits": rlimits,
             "max_output": max_output,
             "env": env,
         }
 
-    async def start(self, isolation: Isolation, rlimits: dict[str, int], max_output: int,
-                    zygote: Zygote | None = None) -> None:
+    async def start(self, sandbox_spec: dict[str, Any], rlimits: dict[str, int],
+                    max_output: int, zygote: Zygote | None = None) -> None:
         """Fork the runner from `zygote` (a few ms), or start a new interpreter."""
+        self.set_output_limit(max_output)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            spec = self.spec(theirs.fileno(), isolation, rlimits, max_output)
+            spec = self.spec(theirs.fileno(), sandbox_spec, rlimits, max_output)
             if zygote is not None:
                 try:
                     self.zygote = zygote
@@ -141,6 +167,9 @@ class RunnerProcess:
             raise
         finally:
             theirs.close()
+        await self._connect(ours)
+
+    async def _connect(self, ours: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         self._gone = asyncio.Event()
         self.alive = True
@@ -157,11 +186,20 @@ class RunnerProcess:
         except (TimeoutError, RunnerDied):
             await self.kill()
             raise RunnerDied("the runner did not start") from None
-        if ready.get("type") != "ready":
+        pid, init_pid = ready.get("pid"), ready.get("init_pid")
+        if ready.get("type") != "ready" or not isinstance(pid, int) \
+                or not isinstance(init_pid, (int, type(None))):
             await self.kill()
             raise RunnerDied(f"unexpected first message {ready!r}")
-        self.pid = int(ready["pid"])
-        self.init_pid = ready.get("init_pid")
+        self.pid, self.init_pid = pid, init_pid
+
+    def broken(self, violation: str) -> None:
+        """The runner broke the protocol: drop the connection (the agent kills it)."""
+        if self.violation is None:
+            log.warning("runner %s sent %s: ending it", self.pid, violation)
+            self.violation = violation
+        if self.transport is not None:
+            self.transport.abort()
 
     def _deliver(self, msg: dict[str, Any]) -> None:
         if msg.get("seq", self.seq) != self.seq:
@@ -171,6 +209,8 @@ class RunnerProcess:
         if waiter is not None and not waiter.done():
             self.waiter = None
             waiter.set_result(msg)
+        elif len(self.inbox) >= MAX_INBOX:
+            self.broken("more messages than requests")
         else:
             self.inbox.append(msg)
 
@@ -196,7 +236,7 @@ class RunnerProcess:
     def receive(self) -> asyncio.Future[dict[str, Any]]:
         """A future for the next message (RunnerDied once the process is gone)."""
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
         if self.inbox:
             future.set_result(self.inbox.popleft())
         elif not self.alive:
@@ -239,7 +279,7 @@ class RunnerProcess:
                 pass
             await wait_process(self.proc)
         elif self.pidfd is not None:
-            if self.init_pid is None:
+            if self.init_pid is None and self.outer_pid is not None:
                 try:  # not reaped until we say so: the group id is still the runner's
                     os.killpg(self.outer_pid, signal.SIGKILL)
                 except OSError:
@@ -260,49 +300,4 @@ class RunnerProcess:
                 await asyncio.wait_for(self._gone.wait(), 5)
             except TimeoutError:
                 pass
-        if self.uid is not None and self.init_pid is None:
-            await asyncio.get_running_loop().run_in_executor(None, kill_uid, self.uid)
         self.alive = False
-
-
-def _pidfd_exited(pidfd: int) -> bool:
-    import select
-    return bool(select.select([pidfd], [], [], 0)[0])
-
-
-async def wait_pidfd(pidfd: int, timeout: float = 10.0) -> None:
-    """Wait until the process behind `pidfd` has exited (it need not be our child)."""
-    if _pidfd_exited(pidfd):
-        return
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
-    try:
-        await asyncio.wait_for(done, timeout)
-    except TimeoutError:
-        log.warning("a runner did not exit within %.0f s", timeout)
-    finally:
-        loop.remove_reader(pidfd)
-
-
-async def wait_process(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
-    """Wait for a child without blocking the loop (pidfd) and reap it."""
-    if proc.poll() is not None:
-        return proc.returncode
-    loop = asyncio.get_running_loop()
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except (OSError, AttributeError):
-        return await loop.run_in_executor(None, proc.wait)
-    done = loop.create_future()
-    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
-    try:
-        await asyncio.wait_for(done, timeout)
-    except TimeoutError:
-        log.warning("process %s did not exit within %.0f s", proc.pid, timeout)
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-    return proc.poll()
-
-

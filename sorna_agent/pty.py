@@ -3,16 +3,22 @@
 The agent binds a SUB socket (stdin port; raw bytes in) and a PUB socket
 (stdout port; raw bytes out) per kernel.  The terminal process (the language's
 `interactive` command) starts on the first stdin bytes, on a pseudo-terminal,
-inside the kernel's namespaces and as the kernel's uid (via nsenter when the
-agent is root).  When it exits, the next stdin bytes start a new one.
+in the kernel's sandbox: its cgroup, its namespaces (nsenter into those of the
+kernel's PID 1, then a `cd` into the kernel's home), its uid (or, in a user
+namespace, without capabilities), its rlimits, and with no_new_privs, so setuid
+programs give nothing.  It leads its own session: the processes of that session
+are the terminal's, which the end-of-run sweep leaves alone.  When it exits,
+the next stdin bytes start a new one.
 """
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import fcntl
 import logging
 import os
 import resource
+import shutil
 import signal
 import struct
 import subprocess
@@ -22,7 +28,7 @@ from typing import TYPE_CHECKING
 import zmq
 import zmq.asyncio
 
-from .process import wait_process
+from .reaping import wait_process
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -30,6 +36,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_ROWS, DEFAULT_COLS = 24, 80
+PR_SET_NO_NEW_PRIVS = 38
+IN_HOME = ("/bin/sh", "-c", 'cd "$HOME" && exec "$@"', "sorna-pty")  # inside the sandbox
+NSENTER_FLAGS = {"user": "-U", "mnt": "-m", "pid": "-p", "net": "-n", "ipc": "-i", "uts": "-u"}
+RLIMITS = {"as": resource.RLIMIT_AS, "cpu": resource.RLIMIT_CPU, "nproc": resource.RLIMIT_NPROC,
+           "fsize": resource.RLIMIT_FSIZE, "core": resource.RLIMIT_CORE}
 
 
 class PtySession:
@@ -45,7 +56,7 @@ class PtySession:
         self.stdout_sock.setsockopt(zmq.LINGER, 0)
         self.stdin_port = self.stdin_sock.bind_to_random_port(f"tcp://{bind_host}")
         self.stdout_port = self.stdout_sock.bind_to_random_port(f"tcp://{bind_host}")
-        self._stdout_sync = zmq.Socket.shadow(self.stdout_sock.underlying)
+        self._stdout_sync: zmq.Socket[bytes] = zmq.Socket.shadow(self.stdout_sock.underlying)
         self.proc: subprocess.Popen | None = None
         self.master: int | None = None
         self._task = asyncio.create_task(self._stdin_loop(), name=f"pty-{kernel.id}")
@@ -76,40 +87,51 @@ class PtySession:
                 return
             view = view[written:]
 
+    def session_id(self) -> int | None:
+        """The terminal's session (its processes), while one runs."""
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
     def _command(self) -> list[str]:
         kernel = self.kernel
         command = list(kernel.lang.interactive) or ["/bin/sh"]
         runner = kernel.runner
         iso = kernel.isolation
-        if not iso.uid_switch or runner is None or not runner.pid:
+        target = runner.init_pid or runner.pid  # PID 1: the kernel process is not dumpable
+        if not (iso.namespaces or iso.uid_switch) or not target:
             return command
-        wrapper = ["nsenter", "-t", str(runner.pid)]
-        if iso.net_ns:
-            wrapper.append("-n")
-        if iso.pid_ns:
-            wrapper.append("-p")
-        wrapper += ["-S", str(kernel.uid), "-G", str(kernel.uid), "--wd", "--"]
-        return wrapper + command
+        wrapper = ["nsenter", "-t", str(target)]
+        wrapper += [NSENTER_FLAGS[name] for name in iso.namespaces]
+        if iso.uid_switch:
+            wrapper += ["-S", str(kernel.uid), "-G", str(kernel.uid)]
+        elif iso.userns:  # already the namespace's only user; it may not set groups
+            wrapper.append("--preserve-credentials")
+        wrapper.append("--")
+        if iso.userns and shutil.which("setpriv"):  # uid 0 of the namespace, but no powers
+            wrapper += ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
+        return wrapper + [*IN_HOME, *command]
 
     def _start(self) -> None:
         master, slave = os.openpty()
         self._set_size(slave)
         limits = self.kernel.rlimits()
-        uid_switch = self.kernel.isolation.uid_switch
+        cgroup_procs = list(self.kernel.sandbox.cgroup.procs_files
+                            if self.kernel.sandbox.cgroup is not None else [])
+        libc = ctypes.CDLL(None, use_errno=True)
 
         def prepare_child() -> None:  # runs in the child between fork and exec
+            for procs in cgroup_procs:  # first: all it starts is the kernel's
+                with open(procs, "w") as fh:
+                    fh.write(str(os.getpid()))
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
             for name, value in limits.items():
-                if name == "nproc" and not uid_switch:
-                    continue
-                which = {"as": resource.RLIMIT_AS, "cpu": resource.RLIMIT_CPU,
-                         "nproc": resource.RLIMIT_NPROC, "fsize": resource.RLIMIT_FSIZE,
-                         "core": resource.RLIMIT_CORE}[name]
-                resource.setrlimit(which, (value, value))
+                resource.setrlimit(RLIMITS[name], (value, value))
+            os.umask(0o022)
+            libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(self.kernel.workdir),
-               "TERM": "xterm-256color", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": self.kernel.sandbox.home,
+               "TERM": "xterm-256color", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+               "USER": "work", "LOGNAME": "work"}
         try:
             self.proc = subprocess.Popen(
                 self._command(), stdin=slave, stdout=slave, stderr=slave,

@@ -23,6 +23,8 @@ import subprocess
 import time
 from typing import Any
 
+from .reaping import wait_pidfd, wait_process
+
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 20.0
@@ -111,7 +113,6 @@ class Zygote:
             _close_all(fds)
 
     async def _abandon(self, pid: int, pidfd: int) -> None:
-        from .process import wait_pidfd
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             await wait_pidfd(pidfd)
@@ -171,7 +172,6 @@ class Zygote:
             self.sock.close()
             self.sock = None
         if self.proc is not None:
-            from .process import wait_process
             try:
                 self.proc.send_signal(signal.SIGKILL)
             except OSError:

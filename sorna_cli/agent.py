@@ -33,8 +33,10 @@ from .context import CliContext, pass_cli
 @click.option("--max-file-size", "agent_max_file_size", help="Largest file a kernel may write.")
 @click.option("--event-queue-size", "agent_event_queue_size", type=int,
               help="Events kept while no manager listens (oldest heartbeats dropped first).")
-@click.option("--isolation", "agent_isolation", type=click.Choice(["auto", "none"]),
-              help="auto: own uid and namespaces where the host allows; none: plain processes.")
+@click.option("--isolation", "agent_isolation",
+              type=click.Choice(["auto", "best-effort", "none"]),
+              help="auto: the full kernel sandbox (refuses to start where the host has no "
+                   "mount namespaces); best-effort: what the host allows; none: plain processes.")
 @click.option("--scratch-dir", "agent_scratch_dir", type=click.Path(file_okay=False),
               help="Folder for kernel working directories.")
 @pass_cli

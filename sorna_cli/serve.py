@@ -23,6 +23,9 @@ def print_banner(info: ServerInfo) -> None:
     if info.standalone:
         out.print(f"  standalone: data in {info.data_dir}; local agent {info.agent_addr} "
                   f"(log: {info.agent_log})")
+        for protection in info.agent_protections_off or []:
+            out.print(f"  [bold yellow]kernel sandbox OFF on this host:[/] {protection}",
+                      highlight=False)
     if info.access_key and info.secret_key:
         out.print(f"  access key: [bold]{info.access_key}[/]")
         out.print(f"  secret key: [bold]{info.secret_key}[/]")

@@ -197,13 +197,57 @@ class SornaConfig(BaseSettings):
     agent_max_procs: int = Field(default=64, ge=1)
     agent_max_file_size: int = Field(default=64 << 20)
     agent_max_output: int = Field(default=1 << 20, description="bytes of output per execute")
-    agent_scratch_dir: Path | None = None
+    agent_scratch_dir: Path | None = Field(
+        default=None, description="where the agent makes its folder of kernel folders "
+                                  "(default: the system temporary folder; never the data dir)")
     agent_stats_interval: float = Field(default=5.0, gt=0)
     agent_event_queue_size: int = Field(
         default=256, ge=1, description="events kept while no manager listens")
     agent_isolation: str = Field(
-        default="auto", pattern="^(auto|none)$",
-        description="auto: own uid and namespaces where possible; none: plain processes")
+        default="auto", pattern="^(auto|best-effort|none)$",
+        description="auto: full sandbox, refuse to start without a mount namespace; "
+                    "best-effort: what the host allows; none: plain processes")
+
+    # --- kernel sandbox of the reference agent (docs/kernel-sandbox.md) ------------
+    # `agent_mount_namespace = false` / `agent_cgroups = "none"` make the agent act
+    # as on a host that refuses them (tests use this; so can an operator who must).
+    agent_mount_namespace: bool = Field(
+        default=True, description="private filesystem view per kernel (false: act as if "
+                                  "the host refused mount namespaces)")
+    agent_cgroups: str = Field(default="auto", pattern="^(auto|v2|v1|none)$",
+                               description="cgroup version for kernel limits; none: rlimits only")
+    agent_cgroup_root: str | None = Field(
+        default=None, description="parent cgroup of the kernels' cgroups in each hierarchy "
+                                  "(default: the agent's own cgroup)")
+    agent_cpu_limit: float = Field(default=1.0, gt=0, description="CPUs per kernel (cgroup quota)")
+    agent_disk_quota: int = Field(default=256 << 20,
+                                  description="size of a kernel's working folder (tmpfs); 0 = none")
+    agent_tmp_size: int = Field(default=64 << 20, description="size of a kernel's /tmp")
+    agent_shm_size: int = Field(default=64 << 20, description="size of a kernel's /dev/shm")
+    agent_uid_min: int = Field(default=1_000_000, ge=1000, description="lowest kernel uid")
+    agent_uid_max: int = Field(default=1_999_999_999, le=(1 << 31) - 2,
+                               description="highest kernel uid")
+    agent_uid_block_size: int = Field(default=65536, ge=8,
+                                      description="kernel uids of one agent (a random block)")
+    agent_runtime_dir: Path = Field(default=Path("/run/sorna-agent"),
+                                    description="host-wide folder of the agents' uid-block locks")
+    agent_rootfs_binds: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"],
+        description="host folders kernels see, read-only (comma-separated)")
+    agent_rootfs_etc: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [
+            "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "ssl",
+            "ca-certificates", "localtime", "timezone", "nsswitch.conf", "mime.types",
+            "protocols", "services", "inputrc", "magic", "magic.mime", "fonts", "python3*",
+            "terminfo"],
+        description="entries of /etc kernels see, read-only (comma-separated, globs)")
+
+    @field_validator("agent_rootfs_binds", "agent_rootfs_etc", mode="before")
+    @classmethod
+    def _sandbox_lists(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
 
     # --- operations: logs, metrics, CORS (issue 12) ------------------------
     log_format: Literal["text", "json"] = Field(
@@ -218,7 +262,8 @@ class SornaConfig(BaseSettings):
 
     @field_validator("agent_max_mem", "agent_max_file_size", "agent_max_output",
                      "max_upload_size", "max_request_body", "max_upload_total",
-                     "auth_body_budget", mode="before")
+                     "auth_body_budget", "agent_disk_quota", "agent_tmp_size",
+                     "agent_shm_size", mode="before")
     @classmethod
     def _sizes(cls, value: Any) -> int:
         return parse_size(value)

@@ -26,6 +26,7 @@ from redis.typing import EncodableT
 
 from .children import die_with_parent
 from .config import SornaConfig, mask_url
+from .datadir import prepare_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class EmbeddedRedis:
         """Reuse a running embedded Redis for this data directory, or start one."""
         if await _answers(self.url):
             return self.url
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        prepare_data_dir(self.data_dir)
         if self.socket_path.exists():
             self.socket_path.unlink()  # stale socket of a server that died
         log_file = self.data_dir / "redis.log"

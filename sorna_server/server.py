@@ -45,6 +45,7 @@ from aiohttp import web
 
 from .children import die_with_parent
 from .config import SornaConfig
+from .datadir import prepare_data_dir
 from .db.engine import open_database
 from .db.models import keypairs
 from .gateway import keys
@@ -82,11 +83,14 @@ class ServerInfo:
     agent_addr: str | None = None
     agent_log: str | None = None
     metrics_url: str | None = None
+    agent_protections_off: list[str] | None = None  # what the local agent's kernels lack
 
 
 def run(config: SornaConfig, *, standalone: bool = False,
         on_ready: Callable[[ServerInfo], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT (blocking)."""
+    if standalone or config.uses_embedded_db or config.explicit_redis_url is None:
+        prepare_data_dir(config.data_dir)
     if config.workers > 1:
         _run_loop(Supervisor(config, standalone=standalone, on_ready=on_ready).serve())
     else:
@@ -247,9 +251,9 @@ class GatewayServer:
                  ", primary" if self.primary else "")
         if config.metrics_enabled and config.metrics_addr and self.primary:
             await self._start_metrics(app, config.metrics_addr)
-        agent_addr = None
+        agent_addr, protections_off = None, None
         if self.standalone and self.primary:
-            agent_addr = await self._wait_for_agent(app)
+            agent_addr, protections_off = await self._wait_for_agent(app)
         self.info = ServerInfo(
             endpoint=endpoint,
             events_addr=f"tcp://{config.events_ip}:{config.events_port}",
@@ -258,7 +262,7 @@ class GatewayServer:
             data_dir=str(config.data_dir.resolve()),
             access_key=(self.example or {}).get("access_key"),
             secret_key=(self.example or {}).get("secret_key"),
-            agent_addr=agent_addr,
+            agent_addr=agent_addr, agent_protections_off=protections_off,
             agent_log=str(self._agent_log_path()) if self.standalone else None,
             metrics_url=self._metrics_url(endpoint))
 
@@ -327,7 +331,10 @@ class GatewayServer:
                 "--max-kernels", str(config.agent_max_kernels),
                 "--exec-timeout", str(config.agent_exec_timeout),
                 "--idle-timeout", str(config.agent_idle_timeout),
-                "--heartbeat-interval", str(config.heartbeat_interval)]
+                "--heartbeat-interval", str(config.heartbeat_interval),
+                # a laptop trial runs with what the host allows; the banner says what is off
+                "--isolation", "best-effort" if config.agent_isolation == "auto"
+                else config.agent_isolation]
         log_file = self._agent_log_path().open("ab")
         try:
             env = {k: v for k, v in os.environ.items() if k != MULTIPROC_ENV}
@@ -343,7 +350,7 @@ class GatewayServer:
         finally:
             await self._stop_agent(app)
 
-    async def _wait_for_agent(self, app: web.Application) -> str:
+    async def _wait_for_agent(self, app: web.Application) -> tuple[str, list[str]]:
         registry = app[keys.REGISTRY]
         addr = self._agent_rpc_addr()
         loop = asyncio.get_running_loop()
@@ -354,7 +361,7 @@ class GatewayServer:
                                    f"see {self._agent_log_path()}")
             for instance in await registry.list_instances():
                 if instance.addr == addr and instance.status == "running":
-                    return addr
+                    return addr, list(instance.isolation.get("protections_off") or [])
             await asyncio.sleep(0.1)
         raise StartupError(f"the reference agent did not register within "
                            f"{AGENT_START_TIMEOUT:.0f} s; see {self._agent_log_path()}")

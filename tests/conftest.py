@@ -121,7 +121,8 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def agent_factory(tmp_path: Path) -> Callable[..., AgentProcess]:
-    """Start reference agents: `agent_factory(events_port=..., instance_id=..., **flags)`.
+    """Start reference agents: `agent_factory(events_port=..., instance_id=..., **flags)`
+    (`data_dir=`: its data directory, default a fresh one per instance id).
 
     Keyword flags map to `sorna agent` options (max_kernels -> --max-kernels).
     Waits until the agent answers `ping`; every agent is stopped after the test.
@@ -130,12 +131,12 @@ def agent_factory(tmp_path: Path) -> Callable[..., AgentProcess]:
 
     def start(events_port: int | None = None, *, instance_id: str | None = None,
               managers: list[str] | None = None, env: dict[str, str] | None = None,
-              wait: bool = True, **flags: Any) -> AgentProcess:
+              wait: bool = True, data_dir: Path | None = None, **flags: Any) -> AgentProcess:
         port = helpers.free_port()
         addr = f"tcp://127.0.0.1:{port}"
         instance_id = instance_id or f"i-test-{uuid.uuid4().hex[:8]}"
         managers = managers or ([f"tcp://127.0.0.1:{events_port}"] if events_port else [])
-        data_dir = tmp_path / instance_id
+        data_dir = data_dir or tmp_path / instance_id
         data_dir.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-m", "sorna_cli", "--data-dir", str(data_dir), "agent",
                 "--rpc-addr", addr, "--instance-id", instance_id]

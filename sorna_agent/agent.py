@@ -1,8 +1,10 @@
-"""The reference agent: RPC server, kernel lifecycle, events, shutdown.
+"""The reference agent: its lifecycle, its kernel table and its periodic loops.
 
-Every RPC request runs in its own task, so a slow kernel never delays calls
-for other kernels; calls that run code in one kernel are serialised by that
-kernel's lock.
+`Agent.start()` probes the host, binds the RPC socket, connects the events,
+fills the warm pool and starts the loops; `Agent.shutdown()` destroys every
+kernel (each reported with kernel_terminated) and says instance_terminated.
+The RPC server (`rpc.py`) calls the handlers here; running code is
+`execution.py`'s.
 """
 from __future__ import annotations
 
@@ -12,11 +14,9 @@ import math
 import os
 import signal
 import socket
-import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,32 +30,24 @@ from sorna_server.config import SornaConfig, parse_size
 
 from . import AgentStartError
 from .events import EventSender
+from .execution import Execution
 from .kernel import Kernel, KernelLimits, rlimits_for
-from .languages import CatalogueError, Language, load_catalogue, world_searchable
+from .languages import CatalogueError, Language, load_catalogue
 from .pool import WarmPool
 from .process import RUNNER_FILE, RunnerDied, RunnerProcess
 from .pty import PtySession
-from .sandbox import Isolation, UidPool, make_workdir, probe_isolation, remove_workdir, write_upload
+from .rpc import RPCError, RPCServer, method_table
+from .sandbox.host import Host, Sandbox, SandboxUnavailable
+from .sandbox.probe import Isolation
+from .sandbox.workdirs import write_upload
 from .stats import measure
 from .zygote import Zygotes
 
 log = logging.getLogger("sorna_agent")
 
-INTERRUPT_GRACE = 1.0       # seconds a run gets to stop after SIGINT before a kill + restart
-COMPLETE_TIMEOUT = 5.0
 SHUTDOWN_LINGER = 3.0       # seconds to deliver the last events at shutdown
 MAX_KERNEL_ID = 128
 MIN_KERNEL_MEM = 32 << 20
-SCRATCH_PREFIX = "sorna-agent-"
-OWNER_FILE = ".agent-pid"
-
-
-class RPCError(Exception):
-    def __init__(self, err_type: str, message: str, **details: Any):
-        super().__init__(message)
-        self.type = err_type
-        self.message = message
-        self.details = details
 
 
 def split_bind_addr(addr: str) -> tuple[str, int]:
@@ -77,7 +69,7 @@ def _advertise_host(bind_host: str, configured: str | None) -> str:
 
 
 class Agent:
-    def __init__(self, config: SornaConfig):
+    def __init__(self, config: SornaConfig, *, private_mounts: bool = False):
         self.config = config
         self.instance_id = config.agent_instance_id or f"i-{socket.gethostname()}"
         try:
@@ -86,56 +78,40 @@ class Agent:
             raise AgentStartError(f"invalid setting agent_rpc_addr: {exc}") from None
         self.addr = f"tcp://{_advertise_host(self.bind_host, config.agent_advertise_host)}" \
                     f":{self.port}"
-        self.scratch = Path(config.agent_scratch_dir or (config.data_dir / "agent-scratch"))
-        self.isolation = Isolation(False, False, False)
+        self.host = Host(config, self.instance_id, private_mounts)
+        self.isolation = Isolation()
         self.languages: dict[str, Language] = {}
         self.kernels: dict[str, Kernel] = {}
         self.creating = 0
-        self.uids: UidPool | None = None
         self.pool: WarmPool | None = None
         self.zygotes = Zygotes(str(RUNNER_FILE), self.instance_id)
         self.events: EventSender | None = None
         self.ctx: zmq.asyncio.Context | None = None
-        self.rpc: zmq.asyncio.Socket | None = None
+        self.rpc: RPCServer | None = None
+        self.execution = Execution(self)
         self.stopping = asyncio.Event()
-        self._own_scratch: Path | None = None
-        self.tasks: set[asyncio.Task] = set()       # loops and requests: cancelled at stop
-        self.cleanups: set[asyncio.Task] = set()    # kernel terminations: awaited at stop
-        self.methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
-            "ping": self.rpc_ping,
-            "create_kernel": self.rpc_create_kernel,
-            "destroy_kernel": self.rpc_destroy_kernel,
-            "restart_kernel": self.rpc_restart_kernel,
-            "execute": self.rpc_execute,
-            "upload_file": self.rpc_upload_file,
-            "resize_pty": self.rpc_resize_pty,
-            "list_kernels": self.rpc_list_kernels,
-            "reset": self.rpc_reset,
-        }
+        self.tasks: set[asyncio.Task[Any]] = set()     # loops and requests: cancelled at stop
+        self.cleanups: set[asyncio.Task[Any]] = set()  # kernel terminations: awaited at stop
 
     # --- start and stop ------------------------------------------------------
 
     async def start(self) -> None:
-        self.isolation = probe_isolation(want=self.config.agent_isolation != "none")
         try:
-            self.languages = load_catalogue(for_other_users=self.isolation.uid_switch)
+            self.isolation = self.host.prepare()
+        except (SandboxUnavailable, OSError) as exc:
+            raise AgentStartError(str(exc)) from None
+        try:
+            self.languages = load_catalogue(
+                for_other_users=self.isolation.uid_switch,
+                visible_in=self.config.agent_rootfs_binds if self.isolation.mount_ns else None)
         except CatalogueError as exc:
             raise AgentStartError(str(exc)) from None
         if not self.languages:
-            raise AgentStartError("no language of the catalogue has a usable interpreter")
-        self.scratch = self._usable_scratch(self.scratch)
-        uid_count = self.config.agent_max_kernels + self.config.agent_pool_size * \
-            len(self.languages) + 8
-        self.uids = UidPool(self.instance_id, uid_count)
+            raise AgentStartError("no language of the catalogue has a usable interpreter"
+                                  + (" inside the kernels' root (agent_rootfs_binds)"
+                                     if self.isolation.mount_ns else ""))
         self.ctx = zmq.asyncio.Context()
-        self.rpc = self.ctx.socket(zmq.ROUTER)
-        self.rpc.setsockopt(zmq.LINGER, 0)
-        self.rpc.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        try:
-            self.rpc.bind(self.config.agent_bind_addr)
-        except zmq.ZMQError as exc:
-            raise AgentStartError(f"cannot listen on {self.config.agent_bind_addr}: {exc}") \
-                from None
+        self.rpc = RPCServer(self.ctx, self.config.agent_bind_addr, method_table(self))
         self.events = EventSender(self.ctx, self.instance_id, self.config.agent_managers,
                                   self.config.agent_event_queue_size)
         self.events.start()
@@ -146,32 +122,19 @@ class Agent:
                  self.instance_id, self.config.agent_bind_addr, self.addr,
                  ", ".join(self.config.agent_managers) or "none")
         log.info("isolation: %s", self.isolation.describe())
+        for refusal in self.isolation.refused:
+            log.warning("the host refused %s", refusal)
+        for protection in self.isolation.protections_off():
+            log.warning("kernels run WITHOUT %s", protection)
         log.info("languages: %s; warm pool %d per language; max %d kernels",
                  ", ".join(sorted(self.languages)), self.config.agent_pool_size,
                  self.config.agent_max_kernels)
         self.events.emit("instance_started", info=self.info())
-        for coro in (self._serve_rpc(), self._heartbeats(), self._stats_loop(),
+        for coro in (self.rpc.serve(self.spawn_task), self._heartbeats(), self._stats_loop(),
                      self._idle_sweeper()):
-            self._spawn_task(coro)
+            self.spawn_task(coro)
 
-    def _usable_scratch(self, wanted: Path) -> Path:
-        """The kernels' folders must be reachable by their unprivileged uids."""
-        wanted.mkdir(parents=True, exist_ok=True)
-        if not self.isolation.uid_switch or world_searchable(wanted):
-            return wanted
-        if self.config.agent_scratch_dir is not None:
-            log.warning("scratch dir %s is not searchable by other users: kernels may fail "
-                        "to reach their own folders", wanted)
-            return wanted
-        _remove_stale_scratch(Path(tempfile.gettempdir()))
-        private = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{self.instance_id[:40]}-"))
-        private.chmod(0o711)
-        (private / OWNER_FILE).write_text(str(os.getpid()))
-        self._own_scratch = private
-        log.info("kernel folders in %s (%s is not searchable by other users)", private, wanted)
-        return private
-
-    def _spawn_task(self, coro: Awaitable[Any], *, cleanup: bool = False) -> asyncio.Task:
+    def spawn_task(self, coro: Awaitable[Any], *, cleanup: bool = False) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         group = self.cleanups if cleanup else self.tasks
         group.add(task)
@@ -189,13 +152,12 @@ class Agent:
         await asyncio.gather(*(self.terminate(k, proto.REASON_AGENT_SHUTDOWN)
                                for k in list(self.kernels.values())), return_exceptions=True)
         await self.zygotes.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.host.close)
         if self.events is not None:
             self.events.emit("instance_terminated", reason=reason)
             await self.events.close(SHUTDOWN_LINGER)
-        if self._own_scratch is not None:
-            remove_workdir(self._own_scratch)
         if self.rpc is not None:
-            self.rpc.close(linger=0)
+            self.rpc.close()
         if self.ctx is not None:
             self.ctx.term()
         log.info("agent %s stopped", self.instance_id)
@@ -229,45 +191,46 @@ class Agent:
 
     # --- runner processes -------------------------------------------------------
 
-    async def spawn_runner(self, lang: Language, uid: int | None = None,
-                           workdir: Path | None = None,
+    async def spawn_runner(self, lang: Language, sandbox: Sandbox | None = None,
                            limits: KernelLimits | None = None) -> RunnerProcess:
-        assert self.uids is not None
-        own_uid = uid is None and self.isolation.uid_switch
-        if own_uid:
-            uid = self.uids.take()
-        own_dir = workdir is None
+        """A runner in `sandbox`, or in a new sandbox of its own (pool runners)."""
+        limits = limits or self.max_limits(lang)
+        own = sandbox is None
+        if sandbox is None:
+            sandbox = self.host.new_sandbox(memory=limits.max_mem, procs=limits.max_procs)
         try:
-            if workdir is None:
-                workdir = make_workdir(self.scratch, f"k-{uuid.uuid4().hex[:16]}", uid)
-            runner = RunnerProcess(lang, uid, workdir)
-            limits = limits or self.max_limits(lang)
+            runner = RunnerProcess(lang, sandbox)
             try:
-                await runner.start(self.isolation, rlimits_for(limits, self.isolation),
+                await runner.start(self.host.spec(sandbox), rlimits_for(limits, self.isolation),
                                    limits.max_output, await self.zygotes.get(lang.python))
             except BaseException:
-                await asyncio.shield(runner.kill())
+                await asyncio.shield(self.kill_runner(runner))
                 raise
         except BaseException:
-            if own_dir and workdir is not None:
-                remove_workdir(workdir)
-            if own_uid and uid is not None:
-                self.uids.give_back(uid)
+            if own:
+                await asyncio.shield(self.host.destroy(sandbox))
             raise
         return runner
 
-    async def discard_runner(self, runner: RunnerProcess) -> None:
-        """Kill a runner that is no kernel's (pool leftovers) and free its uid and folder."""
+    async def kill_runner(self, runner: RunnerProcess) -> None:
+        """Kill a runner and whatever of its sandbox still runs (the sandbox stays)."""
         await runner.kill()
-        await asyncio.get_running_loop().run_in_executor(None, remove_workdir, runner.workdir)
-        if runner.uid is not None and self.uids is not None:
-            self.uids.give_back(runner.uid)
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.host.kill_leftovers, runner.sandbox, runner.init_pid is not None)
+
+    async def discard_runner(self, runner: RunnerProcess) -> None:
+        """Kill a runner that is no kernel's (pool leftovers) and destroy its sandbox."""
+        await self.kill_runner(runner)
+        await self.host.destroy(runner.sandbox)
 
     def _watch(self, kernel: Kernel, runner: RunnerProcess) -> None:
         def on_exit(dead: RunnerProcess) -> None:
-            if kernel.runner is dead and not kernel.closing and not kernel.restarting:
-                log.info("kernel %s: its process exited by itself", kernel.id)
-                self._spawn_task(self.terminate(kernel, proto.REASON_EXITED), cleanup=True)
+            if kernel.runner is not dead or kernel.closing or kernel.restarting or kernel.busy:
+                return  # a run in progress sees it die and decides (execution.py)
+            oom = kernel.sandbox.new_oom_kills()
+            log.info("kernel %s: its process exited by itself%s", kernel.id,
+                     " (killed: out of memory)" if oom else "")
+            self.end_later(kernel, proto.REASON_OOM if oom else proto.REASON_EXITED)
         runner.on_exit = on_exit
 
     # --- kernel lifecycle ---------------------------------------------------------
@@ -293,22 +256,23 @@ class Agent:
             raise RPCError(proto.ERR_INVALID_ARGS, f"bad limits: {exc}") from None
         return limits
 
+    def end_later(self, kernel: Kernel, reason: str) -> None:
+        """Terminate `kernel` in the background (awaited at shutdown)."""
+        self.spawn_task(self.terminate(kernel, reason), cleanup=True)
+
     async def terminate(self, kernel: Kernel, reason: str) -> dict[str, Any]:
         """End a kernel for any reason: stats, kill, clean up, kernel_terminated."""
         if kernel.closing:
             return dict(kernel.usage.last)
         kernel.closing = True
         self.kernels.pop(kernel.id, None)
-        loop = asyncio.get_running_loop()
         stats = dict(kernel.usage.last)
         try:
             stats = await self._measure(kernel)
             if kernel.pty is not None:
                 await kernel.pty.close()
-            await kernel.runner.kill()
-            await loop.run_in_executor(None, remove_workdir, kernel.workdir)
-            if kernel.uid is not None and self.uids is not None:
-                self.uids.give_back(kernel.uid)
+            await self.kill_runner(kernel.runner)
+            await self.host.destroy(kernel.sandbox)
         except Exception:
             log.exception("kernel %s: clean-up failed", kernel.id)
         finally:
@@ -324,24 +288,26 @@ class Agent:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(None, measure, kernel.usage, kernel.root_pids(),
-                                              self.isolation.net_ns)
+                                              kernel.sandbox.cgroup, self.isolation.net_ns)
         except Exception:
             log.exception("kernel %s: cannot measure usage", kernel.id)
             return dict(kernel.usage.last)
 
-    async def _replace_runner(self, kernel: Kernel) -> None:
+    async def replace_runner(self, kernel: Kernel) -> None:
         """Fresh process for the same kernel (same uid, same folder, new PTY ports)."""
         kernel.restarting = True
         kernel.available.clear()
         try:
             await self._measure(kernel)
-            kernel.usage.close_run()
+            if kernel.sandbox.cgroup is None:  # cgroup counters simply go on
+                kernel.usage.close_run()
             if kernel.pty is not None:
                 await kernel.pty.close()
                 kernel.pty = None
-            await kernel.runner.kill()
-            runner = await self.spawn_runner(kernel.lang, kernel.uid, kernel.workdir,
-                                             kernel.limits)
+            await self.kill_runner(kernel.runner)
+            kernel.sandbox.new_oom_kills()  # those of the run that was just stopped
+            kernel.sandbox.settled_tasks = -1  # new processes: the next sweep looks
+            runner = await self.spawn_runner(kernel.lang, kernel.sandbox, kernel.limits)
             await self._assign(runner, kernel.limits)
             kernel.runner = runner
             self._watch(kernel, runner)
@@ -354,6 +320,8 @@ class Agent:
             kernel.available.set()
 
     async def _assign(self, runner: RunnerProcess, limits: KernelLimits) -> None:
+        self.host.set_memory(runner.sandbox, limits.max_mem)
+        runner.set_output_limit(limits.max_output)
         reply = await asyncio.wait_for(
             runner.request({"op": "assign", "max_mem": limits.max_mem,
                             "max_output": limits.max_output}), 10)
@@ -385,23 +353,43 @@ class Agent:
                 raise
         raise AssertionError("unreachable")
 
+    async def sweep(self, kernel: Kernel, exact: bool = False) -> None:
+        """Kill what the last run left running: only the runner's own processes (PID 1
+        and its reaper included), a shell kernel's session shell and the terminal's
+        processes stay."""
+        if not exact and self.host.unchanged(kernel.sandbox, kernel.runner.pid):
+            return  # the common case after a run: nothing new in the kernel
+        runner = kernel.runner
+        sessions = {runner.outer_pid} if runner.outer_pid else set()  # PID 1's (its reaper)
+        if kernel.pty is not None and kernel.pty.session_id() is not None:
+            sessions.add(kernel.pty.session_id() or 0)
+        try:
+            killed = await self.host.sweep(kernel.sandbox, runner.keep_pids(), runner.pid,
+                                           runner.pid if kernel.lang.kind == "shell" else None,
+                                           sessions, exact)
+        except Exception:
+            log.exception("kernel %s: cannot sweep what its run left", kernel.id)
+            return
+        if killed:
+            log.info("kernel %s: killed %d processes its run left behind", kernel.id, killed)
+
     def get_kernel(self, args: dict[str, Any]) -> Kernel:
         kernel = self.kernels.get(args["kernel_id"])
         if kernel is None or kernel.closing:
             raise RPCError(proto.ERR_KERNEL_NOT_FOUND, f"no kernel {args['kernel_id']!r} here")
         return kernel
 
-    # --- RPC methods -------------------------------------------------------------
+    # --- RPC handlers (the table is in rpc.py) ------------------------------------
 
-    async def rpc_ping(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def ping(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"instance_id": self.instance_id, "version": __version__, "addr": self.addr}
 
-    async def rpc_create_kernel(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def create_kernel(self, args: dict[str, Any]) -> dict[str, Any]:
         lang = self.languages.get(args["lang"])
         if lang is None:
             raise RPCError(proto.ERR_UNSUPPORTED_LANG, f"language {args['lang']!r} is not "
                            f"offered here (offered: {', '.join(sorted(self.languages))})")
-        kernel_id = args.get("kernel_id") or uuid.uuid4().hex
+        kernel_id: str = args.get("kernel_id") or uuid.uuid4().hex
         if len(kernel_id) > MAX_KERNEL_ID:
             raise RPCError(proto.ERR_INVALID_ARGS, "kernel_id is too long")
         if kernel_id in self.kernels:
@@ -420,7 +408,7 @@ class Agent:
                 kernel = Kernel(id=kernel_id, lang=lang, limits=limits,
                                 isolation=self.isolation, runner=runner)
                 self._watch(kernel, runner)
-                kernel.pty = PtySession(self.ctx, self.bind_host, kernel)
+                pty = kernel.pty = PtySession(self.ctx, self.bind_host, kernel)
             except BaseException as exc:
                 await asyncio.shield(self.discard_runner(runner))
                 if isinstance(exc, (RunnerDied, TimeoutError, OSError, zmq.ZMQError)):
@@ -433,18 +421,18 @@ class Agent:
         finally:
             self.creating -= 1
         log.info("kernel %s (%s) created", kernel_id, lang.name)
-        return {"kernel_id": kernel_id, "stdin_port": kernel.pty.stdin_port,
-                "stdout_port": kernel.pty.stdout_port, "limits": limits.public()}
+        return {"kernel_id": kernel_id, "stdin_port": pty.stdin_port,
+                "stdout_port": pty.stdout_port, "limits": limits.public()}
 
-    async def rpc_destroy_kernel(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def destroy_kernel(self, args: dict[str, Any]) -> dict[str, Any]:
         kernel = self.get_kernel(args)
         return await self.terminate(kernel, args.get("reason") or proto.REASON_DESTROYED)
 
-    async def rpc_restart_kernel(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def restart_kernel(self, args: dict[str, Any]) -> dict[str, Any]:
         kernel = self.get_kernel(args)
         kernel.touch()
         try:
-            await self._replace_runner(kernel)
+            await self.replace_runner(kernel)
         except (RunnerDied, OSError, TimeoutError, RuntimeError) as exc:
             await self.terminate(kernel, proto.REASON_EXITED)
             raise RPCError(proto.ERR_CREATION_FAILED, f"restart failed: {exc}") from None
@@ -452,133 +440,12 @@ class Agent:
         log.info("kernel %s restarted", kernel.id)
         return {"stdin_port": kernel.pty.stdin_port, "stdout_port": kernel.pty.stdout_port}
 
-    async def rpc_execute(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def execute(self, args: dict[str, Any]) -> dict[str, Any]:
         kernel = self.get_kernel(args)
-        mode, code = args["mode"], args["code"]
-        opts = args.get("opts") or {}
-        async with kernel.lock:
-            await kernel.available.wait()
-            if kernel.closing:
-                raise RPCError(proto.ERR_KERNEL_NOT_FOUND, f"kernel {kernel.id!r} has ended")
-            kernel.busy += 1
-            kernel.touch()
-            try:
-                if mode == "query":
-                    return await self._query(kernel, code)
-                if mode == "batch":
-                    return await self._batch(kernel, opts)
-                return await self._complete(kernel, code, opts)
-            finally:
-                kernel.busy -= 1
-                kernel.touch()
+        return await self.execution.execute(kernel, args["mode"], args["code"],
+                                            args.get("opts") or {})
 
-    async def _query(self, kernel: Kernel, code: str) -> dict[str, Any]:
-        if kernel.waiting_input:
-            msg = {"op": "input", "text": code}
-        else:
-            msg = {"op": "exec", "code": code}
-        reply = await self._run(kernel, msg)
-        return self._result(kernel, reply)
-
-    def _result(self, kernel: Kernel, reply: dict[str, Any],
-                status: str | None = None) -> dict[str, Any]:
-        if reply.get("type") != "done":
-            raise RPCError(proto.ERR_EXECUTION_FAILED, f"kernel answered {reply.get('type')!r}")
-        kernel.waiting_input = reply.get("status") == "waiting-input"
-        result: dict[str, Any] = {"status": status or reply.get("status", "finished"),
-                                  "console": _clean_console(reply.get("console"))}
-        if kernel.waiting_input:
-            result["options"] = {"is_password": bool((reply.get("options") or {})
-                                                     .get("is_password"))}
-        return result
-
-    async def _batch(self, kernel: Kernel, opts: dict[str, Any]) -> dict[str, Any]:
-        lang = kernel.lang
-        try:
-            build = lang.batch_command(opts.get("build"), lang.build)
-            exec_cmd = lang.batch_command(opts.get("exec"), lang.exec)
-        except ValueError as exc:
-            raise RPCError(proto.ERR_INVALID_ARGS, str(exc)) from None
-        if build and not kernel.batch_built:
-            reply = await self._run(kernel, {"op": "shell", "cmd": build})
-            result = self._result(kernel, reply)
-            if reply.get("exit_code") not in (0, None):
-                result["console"].append(["stderr", f"[build failed with exit code "
-                                                    f"{reply.get('exit_code')}]\n"])
-                return result
-            kernel.batch_built = True
-            result["status"] = "build-finished"
-            return result
-        kernel.batch_built = False
-        if not exec_cmd:
-            return {"status": "finished", "console": []}
-        reply = await self._run(kernel, {"op": "shell", "cmd": exec_cmd})
-        return self._result(kernel, reply, status="finished")
-
-    async def _complete(self, kernel: Kernel, code: str, opts: dict[str, Any]) -> dict[str, Any]:
-        line = opts.get("line") if isinstance(opts.get("line"), str) else code
-        col = opts.get("col")
-        msg = {"op": "complete", "line": line, "code": code,
-               "row": opts.get("row") if isinstance(opts.get("row"), int) else 0,
-               "col": col if isinstance(col, int) else len(line)}
-        try:
-            reply = await asyncio.wait_for(kernel.runner.request(msg), COMPLETE_TIMEOUT)
-        except TimeoutError:
-            kernel.runner.interrupt()
-            raise RPCError(proto.ERR_EXECUTION_TIMEOUT, "completion took too long",
-                           console=[]) from None
-        except RunnerDied:
-            raise RPCError(proto.ERR_EXECUTION_FAILED, "the kernel process exited") from None
-        items = [item for item in reply.get("items", []) if isinstance(item, str)]
-        return {"status": "finished", "console": [], "completions": items}
-
-    async def _run(self, kernel: Kernel, msg: dict[str, Any]) -> dict[str, Any]:
-        """Send one run to the kernel and wait for its end, within the exec timeout."""
-        runner = kernel.runner
-        timeout = kernel.limits.exec_timeout
-        try:
-            runner.send(msg)
-            reply = runner.receive()
-            timed_out = False
-
-            def on_timeout() -> None:
-                nonlocal timed_out
-                timed_out = True
-                reply.cancel()
-
-            timer = asyncio.get_running_loop().call_later(timeout, on_timeout)
-            try:
-                return await reply
-            except asyncio.CancelledError:
-                if not timed_out:
-                    raise  # our caller was cancelled, not the timer
-            finally:
-                timer.cancel()
-            runner.interrupt()
-            note = f"\n[execution timed out after {timeout:g} s: the run was stopped]\n"
-            try:
-                reply = await asyncio.wait_for(runner.receive(), INTERRUPT_GRACE)
-                console = _clean_console(reply.get("console"))
-                kernel.waiting_input = reply.get("status") == "waiting-input"
-            except TimeoutError:
-                console = []
-                note = (f"\n[execution timed out after {timeout:g} s: the run did not stop, "
-                        f"so the kernel was restarted and its state is lost]\n")
-                try:
-                    await self._replace_runner(kernel)
-                except (RunnerDied, OSError, TimeoutError, RuntimeError) as exc:
-                    log.warning("kernel %s: restart after timeout failed: %s", kernel.id, exc)
-                    self._spawn_task(self.terminate(kernel, proto.REASON_EXITED), cleanup=True)
-            console.append(["stderr", note])
-            log.info("kernel %s: execution timed out after %g s", kernel.id, timeout)
-            raise RPCError(proto.ERR_EXECUTION_TIMEOUT,
-                           f"execution exceeded the time limit of {timeout:g} s",
-                           console=console)
-        except RunnerDied:
-            raise RPCError(proto.ERR_EXECUTION_FAILED,
-                           "the kernel process exited during the run") from None
-
-    async def rpc_upload_file(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def upload_file(self, args: dict[str, Any]) -> dict[str, Any]:
         kernel = self.get_kernel(args)
         kernel.touch()
         loop = asyncio.get_running_loop()
@@ -593,7 +460,7 @@ class Agent:
                            f"{exc.strerror or exc}") from None
         return {"name": args["name"], "size": size}
 
-    async def rpc_resize_pty(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def resize_pty(self, args: dict[str, Any]) -> dict[str, Any]:
         kernel = self.get_kernel(args)
         rows, cols = args["rows"], args["cols"]
         if not (1 <= rows <= 1000 and 1 <= cols <= 1000):
@@ -602,7 +469,7 @@ class Agent:
             kernel.pty.resize(rows, cols)
         return {}
 
-    async def rpc_list_kernels(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def list_kernels(self, args: dict[str, Any]) -> dict[str, Any]:
         return {
             kernel.id: {"lang": kernel.lang.name, "created_at": kernel.created_at,
                         "stdin_port": kernel.pty.stdin_port if kernel.pty else 0,
@@ -610,57 +477,12 @@ class Agent:
             for kernel in list(self.kernels.values()) if not kernel.closing
         }
 
-    async def rpc_reset(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def reset(self, args: dict[str, Any]) -> dict[str, Any]:
         kernels = list(self.kernels.values())
         await asyncio.gather(*(self.terminate(k, proto.REASON_RESET) for k in kernels))
         return {"destroyed": [k.id for k in kernels]}
 
     # --- loops ------------------------------------------------------------------
-
-    async def _serve_rpc(self) -> None:
-        assert self.rpc is not None
-        while True:
-            frames = await self.rpc.recv_multipart(copy=True)
-            if len(frames) != 2:
-                log.warning("dropped a malformed RPC message of %d frames", len(frames))
-                continue
-            identity, frame = frames
-            try:
-                request = proto.decode_request(frame)
-            except proto.ProtocolError as exc:
-                log.warning("dropped a malformed RPC frame: %s", exc)
-                continue
-            self._spawn_task(self._answer(identity, request))
-
-    async def _answer(self, identity: bytes, request: proto.Request) -> None:
-        assert self.rpc is not None
-        method = self.methods.get(request.method)
-        try:
-            if method is None:
-                raise RPCError(proto.ERR_UNKNOWN_METHOD, f"unknown method {request.method!r}")
-            try:
-                proto.validate_args(request.method, request.args)
-            except proto.ProtocolError as exc:
-                raise RPCError(proto.ERR_INVALID_ARGS, str(exc)) from None
-            reply = proto.encode_result(request.id, await method(request.args))
-        except RPCError as exc:
-            reply = proto.encode_error(request.id, exc.type, exc.message, **exc.details)
-        except asyncio.CancelledError:
-            reply = proto.encode_error(request.id, proto.ERR_INTERNAL, "the agent is stopping")
-            await self._reply(identity, reply)
-            raise
-        except Exception as exc:
-            log.exception("%s failed", request.method)
-            reply = proto.encode_error(request.id, proto.ERR_INTERNAL,
-                                       f"{exc.__class__.__name__}: {exc}")
-        await self._reply(identity, reply)
-
-    async def _reply(self, identity: bytes, reply: bytes) -> None:
-        assert self.rpc is not None
-        try:
-            await self.rpc.send_multipart([identity, reply])
-        except zmq.ZMQError as exc:
-            log.warning("cannot send a reply: %s", exc)
 
     async def _heartbeats(self) -> None:
         assert self.events is not None
@@ -680,6 +502,9 @@ class Agent:
             figures = await asyncio.gather(*(self._measure(k) for k in kernels))
             self.events.emit("instance_stats",
                              stats={k.id: s for k, s in zip(kernels, figures, strict=True)})
+            for kernel in kernels:  # between runs: what a run may have hidden (sweep)
+                if not kernel.busy and not kernel.closing and not kernel.restarting:
+                    await self.sweep(kernel, exact=True)
 
     async def _idle_sweeper(self) -> None:
         period = max(0.05, min(1.0, self.config.agent_idle_timeout / 4))
@@ -689,35 +514,12 @@ class Agent:
                 if not kernel.closing and not kernel.restarting \
                         and kernel.idle_for() > kernel.limits.idle_timeout:
                     log.info("kernel %s idle for %.0f s", kernel.id, kernel.idle_for())
-                    self._spawn_task(self.terminate(kernel, proto.REASON_IDLE), cleanup=True)
+                    self.end_later(kernel, proto.REASON_IDLE)
 
 
-def _remove_stale_scratch(tmp: Path) -> None:
-    """Remove fallback scratch folders left by agents that were killed."""
-    for folder in tmp.glob(f"{SCRATCH_PREFIX}*"):
-        try:
-            owner = int((folder / OWNER_FILE).read_text())
-        except (OSError, ValueError):
-            continue
-        if not psutil.pid_exists(owner):
-            remove_workdir(folder)
-
-
-def _clean_console(console: Any) -> list[list[str]]:
-    """Console records from a kernel, checked (the kernel is untrusted)."""
-    records: list[list[str]] = []
-    if not isinstance(console, list):
-        return records
-    for record in console:
-        if isinstance(record, (list, tuple)) and len(record) == 2 \
-                and isinstance(record[0], str) and isinstance(record[1], str):
-            records.append([record[0], record[1]])
-    return records
-
-
-async def serve(config: SornaConfig) -> None:
+async def serve(config: SornaConfig, *, private_mounts: bool = False) -> None:
     """Run an agent until SIGTERM/SIGINT; then destroy every kernel and exit."""
-    agent = Agent(config)
+    agent = Agent(config, private_mounts=private_mounts)
     loop = asyncio.get_running_loop()
     stop = agent.stopping
     signals_seen = 0
