@@ -15,6 +15,7 @@ import zmq
 import zmq.asyncio
 
 from sorna_server import agent_protocol as proto
+from sorna_server.logs import REQUEST_ID
 
 from . import AgentStartError
 
@@ -82,6 +83,8 @@ class RPCServer:
             spawn(self._answer(identity, request))
 
     async def _answer(self, identity: bytes, request: proto.Request) -> None:
+        # each request is its own task: the id stamps every log line written for it
+        REQUEST_ID.set(request.request_id)
         method = self.methods.get(request.method)
         try:
             if method is None:

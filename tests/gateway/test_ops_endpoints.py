@@ -134,6 +134,21 @@ async def test_request_id_is_echoed_kept_or_replaced(gateway_factory):
     assert status == 400 and headers["X-Request-ID"] == "err-2"
 
 
+
+async def test_request_id_reaches_the_agent_log(gateway_factory):
+    """One failing request can be followed from the gateway to the agent."""
+    gw = await gateway_factory(agents=1)
+    status, headers, body = await gw.request(
+        "POST", "/v2/kernel/create", {"lang": "python3", "clientSessionToken": "trace-token-1"},
+        headers={"X-Request-ID": "trace-4242"})
+    assert status == 201 and headers["X-Request-ID"] == "trace-4242", body
+    kernel_id = body["kernelId"]
+    agent = gw.agents[0]
+    await wait_for(lambda: "[trace-4242]" in agent.log() and kernel_id in agent.log())
+    line = next(line for line in agent.log().splitlines() if "[trace-4242]" in line)
+    assert kernel_id in line, line
+
+
 # --- metrics ------------------------------------------------------------------
 
 async def test_metrics_count_requests_by_route_and_refused_creates(gateway_factory):
