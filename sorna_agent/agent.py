@@ -32,7 +32,7 @@ from . import AgentStartError
 from .events import EventSender
 from .execution import Execution
 from .kernel import Kernel, KernelLimits, rlimits_for
-from .languages import CatalogueError, Language, load_catalogue
+from .languages import CatalogueError, Language, load_catalogue, runtime_versions
 from .pool import WarmPool
 from .process import RUNNER_FILE, RunnerDied, RunnerProcess
 from .pty import PtySession
@@ -81,6 +81,7 @@ class Agent:
         self.host = Host(config, self.instance_id, private_mounts)
         self.isolation = Isolation()
         self.languages: dict[str, Language] = {}
+        self.language_info: dict[str, dict[str, Any]] = {}  # reported in info()
         self.kernels: dict[str, Kernel] = {}
         self.creating = 0
         self.pool: WarmPool | None = None
@@ -110,6 +111,10 @@ class Agent:
             raise AgentStartError("no language of the catalogue has a usable interpreter"
                                   + (" inside the kernels' root (agent_rootfs_binds)"
                                      if self.isolation.mount_ns else ""))
+        versions = await asyncio.get_running_loop().run_in_executor(
+            None, runtime_versions, self.languages)
+        self.language_info = {name: self._describe(lang, versions.get(name))
+                              for name, lang in self.languages.items()}
         self.ctx = zmq.asyncio.Context()
         self.rpc = RPCServer(self.ctx, self.config.agent_bind_addr, method_table(self))
         self.events = EventSender(self.ctx, self.instance_id, self.config.agent_managers,
@@ -174,7 +179,20 @@ class Agent:
             "cpu_count": psutil.cpu_count() or 1,
             "mem_bytes": psutil.virtual_memory().total,
             "isolation": self.isolation.as_info(),
+            "language_info": self.language_info,
         }
+
+    def _describe(self, lang: Language, version: str | None) -> dict[str, Any]:
+        """What API clients learn of a language (GET /v2/languages)."""
+        limits = self.max_limits(lang)
+        described: dict[str, Any] = {
+            "limits": {"max_mem": limits.max_mem, "exec_timeout": limits.exec_timeout,
+                       "max_procs": limits.max_procs, "max_output": limits.max_output}}
+        if lang.alias_of:
+            described["alias_of"] = lang.alias_of
+        if version:
+            described["version"] = version
+        return described
 
     def max_limits(self, lang: Language) -> KernelLimits:
         cfg = self.config

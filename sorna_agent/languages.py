@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -157,3 +158,19 @@ def load_catalogue(  # noqa: C901  (one flat check per catalogue field)
         if target in languages:  # left out with its target when that cannot run here
             languages[name] = replace(languages[target], name=name, alias_of=target)
     return languages
+
+
+def runtime_versions(languages: dict[str, Language], timeout: float = 5.0) -> dict[str, str]:
+    """The interpreter version of each python-kind language (one run per interpreter);
+    languages whose version cannot be told are left out."""
+    found: dict[str, str] = {}
+    for python in sorted({lang.python for lang in languages.values() if lang.kind == "python"}):
+        try:
+            done = subprocess.run(
+                [python, "-c", "import platform; print(platform.python_version())"],
+                capture_output=True, text=True, timeout=timeout, check=True)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        found[python] = done.stdout.strip()[:32]
+    return {name: found[lang.python] for name, lang in languages.items()
+            if lang.kind == "python" and lang.python in found}

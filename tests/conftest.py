@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -32,9 +33,11 @@ from tests.helpers import (
     REAL_REDIS_URL,
     TEST_REDIS_DBS,
     AgentProcess,
+    ServeProcess,
     flush_redis_dbs,
     pg_admin,
     ping_agent,
+    stop_process,
 )
 
 
@@ -163,3 +166,27 @@ def agent_factory(tmp_path: Path) -> Callable[..., AgentProcess]:
     yield start
     for agent in started:
         agent.stop()
+
+
+@pytest.fixture
+def serve(tmp_path, free_port):
+    """Start `sorna serve` processes on free loopback ports: `serve(*flags, name=, env=)`
+    returns (process, ports); every server is stopped after the test."""
+    started: list[ServeProcess] = []
+
+    def start(*extra: str, name: str = "empty",
+              env: dict[str, str] | None = None) -> tuple[ServeProcess, dict[str, int]]:
+        folder = tmp_path / name
+        folder.mkdir()
+        ports = {"port": free_port(), "manager-port": free_port(),
+                 "events-port": free_port(), "agent-port": free_port()}
+        args = ["serve", "--host", "127.0.0.1", *extra]
+        for flag, port in ports.items():
+            args += [f"--{flag}", str(port)]
+        process = ServeProcess(folder, args, env)
+        started.append(process)
+        return process, ports
+
+    yield start
+    for process in started:  # a graceful stop also stops the embedded Redis and the agent
+        stop_process(process.proc, signal.SIGTERM, 30)

@@ -185,7 +185,8 @@ class EventIntake:
                 repr(interval), repr(interval * ABSENCE_GRACE_FACTOR), info["addr"],
                 info["max_kernels"], info.get("num_kernels", len(running)),
                 json.dumps(languages), str(info.get("version", "")), info.get("cpu_count", 0),
-                info.get("mem_bytes", 0), json.dumps(info.get("isolation") or {}), *running]
+                info.get("mem_bytes", 0), json.dumps(info.get("isolation") or {}),
+                json.dumps(info.get("language_info") or {}), *running]
 
     async def handle_heartbeats(self, events: list[dict[str, Any]]) -> None:
         now = time.time()

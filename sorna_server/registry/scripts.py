@@ -169,7 +169,7 @@ return removed
 
 # ARGV: instance id, now, liveness TTL ms, interval, missing grace (s), addr,
 # max_kernels, num_kernels, languages (JSON), version, cpu_count, mem_bytes,
-# isolation (JSON), then the kernel ids the agent runs.
+# isolation (JSON), language_info (JSON), then the kernel ids the agent runs.
 # Returns {state, vanished kernel ids, unknown kernel ids}; state is 'new',
 # 'ok' or 'lost' (a lost instance is left untouched: the caller revives it).
 HEARTBEAT = _PRELUDE + """
@@ -190,12 +190,12 @@ end
 redis.call('HSET', h, 'last_heartbeat', ARGV[2], 'interval', interval, 'addr', ARGV[6],
            'max_kernels', ARGV[7], 'num_kernels', ARGV[8], 'languages', ARGV[9],
            'version', ARGV[10], 'cpu_count', ARGV[11], 'mem_bytes', ARGV[12],
-           'isolation', ARGV[13])
+           'isolation', ARGV[13], 'language_info', ARGV[14])
 redis.call('SET', h .. S_ALIVE, '1', 'PX', ttl)
 recompute(iid, now)
 
 local running = {}
-for i = 14, #ARGV do running[ARGV[i]] = true end
+for i = 15, #ARGV do running[ARGV[i]] = true end
 local held = {}
 local vanished = {}
 local mkey, ukey = h .. S_MISSING, h .. S_UNKNOWN
@@ -214,7 +214,7 @@ for _, kid in ipairs(redis.call('HKEYS', mkey)) do
   if running[kid] or not held[kid] then redis.call('HDEL', mkey, kid) end
 end
 local unknown = {}
-for i = 14, #ARGV do
+for i = 15, #ARGV do
   local kid = ARGV[i]
   if not held[kid] then
     local since = redis.call('HGET', ukey, kid)

@@ -10,7 +10,6 @@ agent reporting to the gateway's event port and waits until it is registered.
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -21,10 +20,8 @@ from sorna_server.gateway import keys
 from sorna_server.gateway.app import create_app
 from tests.helpers import (
     Gateway,
-    ServeProcess,
     flush_redis_dbs,
     prepare_database,
-    stop_process,
     wait_for,
 )
 
@@ -77,25 +74,3 @@ async def gateway_factory(gateway_config, aiohttp_client, agent_factory):
     return start
 
 
-@pytest.fixture
-def serve(tmp_path, free_port):
-    """Start `sorna serve` processes on free loopback ports: `serve(*flags, name=, env=)`
-    returns (process, ports); every server is stopped after the test."""
-    started: list[ServeProcess] = []
-
-    def start(*extra: str, name: str = "empty",
-              env: dict[str, str] | None = None) -> tuple[ServeProcess, dict[str, int]]:
-        folder = tmp_path / name
-        folder.mkdir()
-        ports = {"port": free_port(), "manager-port": free_port(),
-                 "events-port": free_port(), "agent-port": free_port()}
-        args = ["serve", "--host", "127.0.0.1", *extra]
-        for flag, port in ports.items():
-            args += [f"--{flag}", str(port)]
-        process = ServeProcess(folder, args, env)
-        started.append(process)
-        return process, ports
-
-    yield start
-    for process in started:  # a graceful stop also stops the embedded Redis and the agent
-        stop_process(process.proc, signal.SIGTERM, 30)

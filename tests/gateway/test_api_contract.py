@@ -12,7 +12,6 @@ import zmq.asyncio
 from openapi_spec_validator import validate
 
 from sorna_server import agent_protocol as proto
-from sorna_server import redis_keys
 from sorna_server.gateway import keys
 from sorna_server.gateway.languages import language_offers
 from sorna_server.gateway.openapi import all_problem_classes
@@ -153,15 +152,12 @@ async def test_languages_route_lists_what_live_agents_offer(gateway_factory):
     assert names["python3"]["agents"] == 1 and names["python3"]["accepting"] == 1
     status, _, body = await gw.request("GET", "/v1/languages", version="v1.20160915")
     assert status == 200 and body["languages"]
-    # what an agent reports as language_info (stored by the registry) is shown
-    iid = gw.agents[0].instance_id
-    await gw.app[keys.REDIS].instances.hset(redis_keys.instance(iid), "language_info",
-                                            json.dumps({"python": {"alias_of": "python3"},
-                                                        "python3": {"version": "3.x"}}))
-    status, _, body = await gw.request("GET", "/v2/languages")
-    names = {offer["name"]: offer for offer in body["languages"]}
-    assert names["python3"]["aliases"] == ["python"] and names["python3"]["versions"] == ["3.x"]
-    assert "python" not in names
+    # the reference agent reports aliases, interpreter versions and default limits
+    python3 = names["python3"]
+    assert "python" in python3["aliases"] and "python" not in names
+    assert len(python3["versions"]) == 1 and python3["versions"][0].startswith("3.")
+    limits = python3["defaultLimits"]
+    assert 32 << 20 <= limits["maxMem"] <= 512 << 20 and 0 < limits["execTimeout"] <= 10
     # unsigned: refused like every signed route
     resp = await gw.client.get("/v2/languages", headers={"X-Sorna-Version": "v2.20170315"})
     assert resp.status == 401

@@ -9,7 +9,6 @@ import pytest
 
 from sorna_server.datadir import prepare_data_dir
 from sorna_server.redis_conn import EmbeddedRedis
-from tests.gateway.test_serve import ServeProcess, serve  # noqa: F401  (its fixture)
 
 
 def _mode(path: Path) -> int:
