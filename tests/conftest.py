@@ -33,6 +33,7 @@ from tests.helpers import (
     REAL_REDIS_URL,
     TEST_REDIS_DBS,
     AgentProcess,
+    PrivateRedis,
     ServeProcess,
     flush_redis_dbs,
     pg_admin,
@@ -190,3 +191,12 @@ def serve(tmp_path, free_port):
     yield start
     for process in started:  # a graceful stop also stops the embedded Redis and the agent
         stop_process(process.proc, signal.SIGTERM, 30)
+
+
+@pytest.fixture
+def private_redis(free_port, tmp_path):
+    """A redis-server of the test's own that it may kill and restart (`PrivateRedis`)."""
+    server = PrivateRedis(free_port(), tmp_path)
+    server.start()
+    yield server
+    server.stop()

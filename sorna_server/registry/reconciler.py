@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from .. import redis_keys as keys
 from .constants import GRACE_PERIOD_FACTOR
+from .periodic import pause
 from .reconcile import Difference, reconcile
 from .registry import Registry
 
@@ -57,12 +58,7 @@ class Reconciler:
         self._tasks = []
 
     async def _pause(self, seconds: float) -> bool:
-        """Sleep; False when the service is stopping."""
-        try:
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-        except TimeoutError:
-            return True
-        return False
+        return await pause(self._stopping, seconds)
 
     async def _reconcile_forever(self) -> None:
         if not await self._pause(self.grace):

@@ -21,6 +21,7 @@ from .. import redis_keys as keys
 from ..db.models import KernelStatus
 from . import scripts
 from .constants import SETTLED_BY_SWEEP
+from .periodic import pause
 from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,7 @@ class Sweeper:
             self._task = None
 
     async def _pause(self, seconds: float) -> bool:
-        """Sleep; False when the sweeper is stopping."""
-        try:
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-        except TimeoutError:
-            return True
-        return False
+        return await pause(self._stopping, seconds)
 
     async def _sweep_forever(self) -> None:
         # jitter so several gateways do not all knock at the same instant

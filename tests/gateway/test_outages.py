@@ -19,19 +19,10 @@ from tests.helpers import (
     PG_URL,
     PROBLEM,
     VERSION_HEADERS,
-    PrivateRedis,
     pg_admin,
     prepare_database,
     wait_for,
 )
-
-
-@pytest.fixture
-def private_redis(free_port, tmp_path):
-    server = PrivateRedis(free_port(), tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_redis_down_gives_503_and_recovers(gateway_factory, private_redis):

@@ -14,7 +14,6 @@ from sorna_server import redis_keys as keys
 from sorna_server.db.models import kernels
 from sorna_server.registry import InstanceNotAvailable, KernelRecord, constants, scripts
 from tests.helpers import (
-    PrivateRedis,
     block_usage_inserts,
     close_env,
     make_env,
@@ -59,12 +58,6 @@ async def test_settlement_hook_sees_each_settlement_once(env):
     assert [(s.kernel_id, s.path, s.status) for s in seen] == [(kid, "create-failed", "ERROR")]
 
 
-@pytest.fixture
-def private_redis(free_port, tmp_path):
-    server = PrivateRedis(free_port(), tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_settlement_commits_while_redis_is_down_and_cleans_up_after(
