@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sorna_server import curve  # noqa: E402
 from sorna_server.agent_client import AgentRPCClient  # noqa: E402
 
 
@@ -54,8 +55,14 @@ async def wait_ready(client: AgentRPCClient, addr: str, timeout: float = 30) -> 
             await asyncio.sleep(0.1)
 
 
-async def bench(args: argparse.Namespace, addr: str, agent_pid: int) -> list[tuple[str, str]]:
-    client = AgentRPCClient(default_timeout=30)
+async def bench(args: argparse.Namespace, addr: str, agent_pid: int,
+                keys: tuple[curve.KeyPair, str] | None) -> list[tuple[str, str]]:
+    """`keys`: the gateway keypair and the agent's public key (None: plain ZeroMQ)."""
+    async def key_for(_addr: str) -> str | None:
+        return keys[1] if keys else None
+
+    client = AgentRPCClient(default_timeout=30, keys=keys[0] if keys else None,
+                            key_for=key_for)
     rows: list[tuple[str, str]] = []
     try:
         await wait_ready(client, addr)
@@ -164,6 +171,8 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--plain", action="store_true",
+                        help="plain ZeroMQ instead of CurveZMQ (to see what CURVE costs)")
     parser.add_argument("--density", type=int, default=200,
                         help="idle python kernels for the PSS figure (0: skip it)")
     args = parser.parse_args()
@@ -171,19 +180,29 @@ def main() -> None:
     port = free_port()
     addr = f"tcp://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="sorna-bench-") as data_dir:
+        key_flags: list[str] = []
+        keys = None
+        if not args.plain:
+            folder = Path(data_dir) / "keys"
+            curve.generate(folder / "gateway")
+            agent_public, _ = curve.generate(folder / "agent")
+            key_flags = ["--key", str(folder / "agent.key_secret"),
+                         "--gateway-keys", str(folder / "gateway.key")]
+            keys = (curve.load_keypair(folder / "gateway.key_secret", "gateway_key"),
+                    next(iter(curve.load_public_keys(agent_public, "agent"))).decode())
         agent = subprocess.Popen(
             [sys.executable, "-m", "sorna_cli", "--data-dir", data_dir, "agent",
              "--rpc-addr", addr, "--instance-id", "i-bench", "--manager",
              f"tcp://127.0.0.1:{free_port()}", "--pool-size", str(args.pool_size),
-             "--max-kernels", str(max(16, args.parallel + 2, args.density + 2))],
+             "--max-kernels", str(max(16, args.parallel + 2, args.density + 2)), *key_flags],
             stdout=subprocess.DEVNULL, stderr=open(os.path.join(data_dir, "agent.log"), "wb"),
             env={**os.environ, "SORNA_LOG_LEVEL": "WARNING"})
         try:
             try:
                 import uvloop
-                rows = uvloop.run(bench(args, addr, agent.pid))
+                rows = uvloop.run(bench(args, addr, agent.pid, keys))
             except ImportError:
-                rows = asyncio.run(bench(args, addr, agent.pid))
+                rows = asyncio.run(bench(args, addr, agent.pid, keys))
         finally:
             agent.send_signal(signal.SIGTERM)
             try:
@@ -195,7 +214,8 @@ def main() -> None:
     print(f"{'-' * width}  {'-' * 12}")
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    print(f"(agent pool size {args.pool_size}, {os.cpu_count()} CPUs, Python "
+    print(f"({'plain ZeroMQ' if args.plain else 'CurveZMQ'}; agent pool size {args.pool_size}, "
+          f"{os.cpu_count()} CPUs, Python "
           f"{sys.version.split()[0]})")
 
 

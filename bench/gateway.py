@@ -45,6 +45,7 @@ from pathlib import Path
 
 import aiohttp
 
+from sorna_server import curve
 from sorna_server.agent_client import AgentRPCClient
 
 VERSION = "v2.20170315"
@@ -189,7 +190,14 @@ async def run_bench(server: Server, access: str, secret: str, duration: float) -
             kernel_id = (await resp.json())["kernelId"]
         exec_path = f"/v2/kernel/{kernel_id}"
         exec_body = json.dumps({"mode": "query", "code": "1+1"}).encode()
-        rpc = AgentRPCClient(default_timeout=30)
+        keys = server.folder / "sorna-data" / "keys"  # made by --standalone
+        agent_key = next(iter(curve.load_public_keys(keys / "agent.key", "agent"))).decode()
+
+        async def key_for(_addr: str) -> str:
+            return agent_key
+
+        rpc = AgentRPCClient(default_timeout=30, key_for=key_for, keys=curve.load_keypair(
+            keys / "gateway.key_secret", "gateway_key"))
 
         async def hello() -> None:
             async with session.get("/v2", headers={"X-Sorna-Version": VERSION}) as resp:

@@ -24,7 +24,7 @@ import psutil
 import zmq
 import zmq.asyncio
 
-from sorna_server import __version__
+from sorna_server import __version__, curve
 from sorna_server import agent_protocol as proto
 from sorna_server.config import SornaConfig, parse_size
 
@@ -46,6 +46,7 @@ from .zygote import Zygotes
 log = logging.getLogger("sorna_agent")
 
 SHUTDOWN_LINGER = 3.0       # seconds to deliver the last events at shutdown
+MANAGER_CHECK_TIMEOUT = 3.0  # seconds to wait at start for a first handshake with a manager
 MAX_KERNEL_ID = 128
 MIN_KERNEL_MEM = 32 << 20
 
@@ -89,6 +90,9 @@ class Agent:
         self.events: EventSender | None = None
         self.ctx: zmq.asyncio.Context | None = None
         self.rpc: RPCServer | None = None
+        self.keys: curve.KeyPair | None = None       # this agent's CurveZMQ keypair
+        self.gateways: curve.KeyRing | None = None   # the gateway keys it accepts
+        self._zap: Any = None
         self.execution = Execution(self)
         self.stopping = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()     # loops and requests: cancelled at stop
@@ -96,7 +100,20 @@ class Agent:
 
     # --- start and stop ------------------------------------------------------
 
+    def load_keys(self) -> None:
+        """Read `agent_key` and `gateway_keys`; without them, refuse a non-loopback bind."""
+        config = self.config
+        try:
+            side = curve.load_side(config.agent_key, "agent_key", config.gateway_keys,
+                                   "gateway_keys", peer="gateway", host=self.bind_host,
+                                   port="the agent's RPC port (agent_rpc_addr)")
+        except curve.CurveKeyError as exc:
+            raise AgentStartError(str(exc)) from None
+        if side is not None:
+            self.keys, self.gateways = side
+
     async def start(self) -> None:
+        self.load_keys()
         try:
             self.isolation = self.host.prepare()
         except (SandboxUnavailable, OSError) as exc:
@@ -116,16 +133,28 @@ class Agent:
         self.language_info = {name: self._describe(lang, versions.get(name))
                               for name, lang in self.languages.items()}
         self.ctx = zmq.asyncio.Context()
-        self.rpc = RPCServer(self.ctx, self.config.agent_bind_addr, method_table(self))
+        if self.gateways is not None:
+            self._zap = curve.start_authenticator(self.ctx, self.gateways)
+        self.rpc = RPCServer(self.ctx, self.config.agent_bind_addr, method_table(self),
+                             keys=self.keys, ring=self.gateways)
         self.events = EventSender(self.ctx, self.instance_id, self.config.agent_managers,
-                                  self.config.agent_event_queue_size)
+                                  self.config.agent_event_queue_size, keys=self.keys,
+                                  ring=self.gateways)
         self.events.start()
+        refused = await self.events.check_managers(MANAGER_CHECK_TIMEOUT)
+        if refused:
+            events, self.events = self.events, None
+            await events.close(0)
+            raise AgentStartError(refused)
         self.pool = WarmPool(self.languages, self.config.agent_pool_size, self.spawn_runner,
                              self.discard_runner)
         self.pool.fill_all()
         log.info("agent %s listening on %s (advertised %s), managers %s",
                  self.instance_id, self.config.agent_bind_addr, self.addr,
                  ", ".join(self.config.agent_managers) or "none")
+        log.info("agent protocol: %s", f"CurveZMQ, key {self.keys.public_text}, gateway keys "
+                 f"from {self.config.gateway_keys}" if self.keys
+                 else "plain ZeroMQ (no keys configured): loopback only")
         log.info("isolation: %s", self.isolation.describe())
         for refusal in self.isolation.refused:
             log.warning("the host refused %s", refusal)
@@ -163,6 +192,8 @@ class Agent:
             await self.events.close(SHUTDOWN_LINGER)
         if self.rpc is not None:
             self.rpc.close()
+        if self._zap is not None:
+            self._zap.stop()
         if self.ctx is not None:
             self.ctx.term()
         log.info("agent %s stopped", self.instance_id)
@@ -330,7 +361,7 @@ class Agent:
             kernel.runner = runner
             self._watch(kernel, runner)
             assert self.ctx is not None
-            kernel.pty = PtySession(self.ctx, self.bind_host, kernel)
+            kernel.pty = PtySession(self.ctx, self.bind_host, kernel, self.keys)
             kernel.waiting_input = False
             kernel.batch_built = False
         finally:
@@ -426,7 +457,7 @@ class Agent:
                 kernel = Kernel(id=kernel_id, lang=lang, limits=limits,
                                 isolation=self.isolation, runner=runner)
                 self._watch(kernel, runner)
-                pty = kernel.pty = PtySession(self.ctx, self.bind_host, kernel)
+                pty = kernel.pty = PtySession(self.ctx, self.bind_host, kernel, self.keys)
             except BaseException as exc:
                 await asyncio.shield(self.discard_runner(runner))
                 if isinstance(exc, (RunnerDied, TimeoutError, OSError, zmq.ZMQError)):

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 import zmq
 import zmq.asyncio
 
+from sorna_server import curve
+
 from .reaping import wait_process
 
 if TYPE_CHECKING:
@@ -39,12 +41,16 @@ DEFAULT_ROWS, DEFAULT_COLS = 24, 80
 PR_SET_NO_NEW_PRIVS = 38
 IN_HOME = ("/bin/sh", "-c", 'cd "$HOME" && exec "$@"', "sorna-pty")  # inside the sandbox
 NSENTER_FLAGS = {"user": "-U", "mnt": "-m", "pid": "-p", "net": "-n", "ipc": "-i", "uts": "-u"}
+MAX_INPUT_FRAME = 1 << 20  # the gateway sends keystrokes in chunks of at most 64 KiB
 RLIMITS = {"as": resource.RLIMIT_AS, "cpu": resource.RLIMIT_CPU, "nproc": resource.RLIMIT_NPROC,
            "fsize": resource.RLIMIT_FSIZE, "core": resource.RLIMIT_CORE}
 
 
 class PtySession:
-    def __init__(self, ctx: zmq.asyncio.Context, bind_host: str, kernel: Kernel):
+    def __init__(self, ctx: zmq.asyncio.Context, bind_host: str, kernel: Kernel,
+                 keys: curve.KeyPair | None = None):
+        """Bind the terminal's stdin (SUB) and stdout (PUB) sockets: CurveZMQ
+        servers with the agent's `keys`, admitting the gateway keys (ZAP)."""
         self.ctx = ctx
         self.bind_host = bind_host
         self.kernel = kernel
@@ -52,8 +58,11 @@ class PtySession:
         self.stdin_sock = ctx.socket(zmq.SUB)
         self.stdin_sock.setsockopt(zmq.SUBSCRIBE, b"")
         self.stdin_sock.setsockopt(zmq.LINGER, 0)
+        self.stdin_sock.setsockopt(zmq.MAXMSGSIZE, MAX_INPUT_FRAME)
         self.stdout_sock = ctx.socket(zmq.PUB)
         self.stdout_sock.setsockopt(zmq.LINGER, 0)
+        curve.make_server(self.stdin_sock, keys)
+        curve.make_server(self.stdout_sock, keys)
         self.stdin_port = self.stdin_sock.bind_to_random_port(f"tcp://{bind_host}")
         self.stdout_port = self.stdout_sock.bind_to_random_port(f"tcp://{bind_host}")
         self._stdout_sync: zmq.Socket[bytes] = zmq.Socket.shadow(self.stdout_sock.underlying)

@@ -15,6 +15,7 @@ import zmq
 import zmq.asyncio
 
 from sorna_server import agent_protocol as proto
+from sorna_server import curve
 from sorna_server.logs import REQUEST_ID
 
 from . import AgentStartError
@@ -53,28 +54,47 @@ def method_table(agent: Agent) -> dict[str, Method]:
 
 
 class RPCServer:
-    """The ROUTER socket managers call, bound at construction."""
+    """The ROUTER socket managers call, bound at construction.
+
+    With keys it is a CurveZMQ server: the ZAP handler admits the gateway keys
+    of `ring` at the handshake, and each request is checked again against the
+    current keys (a key removed from `gateway_keys` stops working at once)."""
 
     def __init__(self, ctx: zmq.asyncio.Context, bind_addr: str,
-                 methods: dict[str, Method]):
+                 methods: dict[str, Method], *, keys: curve.KeyPair | None = None,
+                 ring: curve.KeyRing | None = None):
         self.methods = methods
+        self.ring = ring
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, proto.MAX_RPC_BYTES)
+        curve.make_server(self.sock, keys)
         try:
             self.sock.bind(bind_addr)
         except zmq.ZMQError as exc:
             self.sock.close(linger=0)
             raise AgentStartError(f"cannot listen on {bind_addr}: {exc}") from None
+        self.watch = curve.HandshakeWatch(self.sock, f"the RPC port {bind_addr}") \
+            if keys is not None else None
+        self.revoked = curve.RefusalLog("revoked gateway key")
 
     async def serve(self, spawn: Callable[[Awaitable[Any]], object]) -> None:
         """Receive requests forever; `spawn` runs each answer as a task."""
+        if self.watch is not None:
+            spawn(self.watch.run())
         while True:
-            frames = await self.sock.recv_multipart(copy=True)
-            if len(frames) != 2:
-                log.warning("dropped a malformed RPC message of %d frames", len(frames))
+            parts = await self.sock.recv_multipart(copy=False)
+            if len(parts) != 2:
+                log.warning("dropped a malformed RPC message of %d frames", len(parts))
                 continue
-            identity, frame = frames
+            if self.ring is not None:
+                sender = curve.peer_key(parts[1])
+                if not self.ring.allows(sender):
+                    self.revoked.note(f"dropped an RPC request from gateway key {sender}: "
+                                      f"no longer among gateway_keys")
+                    continue
+            identity, frame = parts[0].bytes, parts[1].bytes
             try:
                 request = proto.decode_request(frame)
             except proto.ProtocolError as exc:
@@ -113,4 +133,6 @@ class RPCServer:
             log.warning("cannot send a reply: %s", exc)
 
     def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
         self.sock.close(linger=0)

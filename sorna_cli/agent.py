@@ -8,7 +8,12 @@ from .context import CliContext, pass_cli
 
 @click.command()
 @click.option("--rpc-addr", "agent_rpc_addr", help="tcp://IP:PORT to bind the RPC ROUTER on "
-              "(default tcp://0.0.0.0:6001, port from SORNA_AGENT_PORT).")
+              "(default tcp://127.0.0.1:6001, port from SORNA_AGENT_PORT; beyond loopback "
+              "only with keys).")
+@click.option("--key", "agent_key", type=click.Path(dir_okay=False),
+              help="This agent's CurveZMQ secret key file (`sorna keys generate`).")
+@click.option("--gateway-keys", "gateway_keys", type=click.Path(),
+              help="Public key file, or folder of them, of the gateways to accept.")
 @click.option("--manager", "agent_managers", multiple=True,
               help="Manager events address (tcp://HOST:PORT); repeatable.")
 @click.option("--instance-id", "agent_instance_id",

@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "schema": ("sorna_cli.schema:schema", "Create, migrate and inspect the database schema."),
     "fixture": ("sorna_cli.fixture:fixture", "Load JSON fixtures into the database."),
     "keypair": ("sorna_cli.keypair:keypair", "Manage API keypairs."),
+    "keys": ("sorna_cli.keys:keys", "Make CurveZMQ keys for the agent protocol."),
     "registry": ("sorna_cli.registry:registry", "Inspect the live registry of agents and "
                                                 "kernels; drain agents; reconcile."),
     "dbshell": ("sorna_cli.dbshell:dbshell", "Open psql or sqlite3 on the configured database."),

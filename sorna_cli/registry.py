@@ -289,3 +289,34 @@ def reconcile(cli: CliContext, fix: bool, as_json: bool) -> None:
             console(stderr=True).print("run with --fix to repair")
     if remaining:
         raise click.exceptions.Exit(EXIT_FAILURE)
+
+
+@registry.command()
+@click.argument("instance_id")
+@click.option("--force", is_flag=True, help="Also forget an agent that still reports.")
+@json_option
+@pass_cli
+def forget(cli: CliContext, instance_id: str, force: bool, as_json: bool) -> None:
+    """Remove a lost agent from the registry: its kernels end as lost, and its
+    instance id is free for another agent key to register."""
+    from sorna_server.agent_protocol import REASON_LOST
+    from sorna_server.db.models import KernelStatus
+    from sorna_server.registry.constants import SETTLED_BY_AGENT
+
+    async def action(reg: Registry) -> int:
+        inst = await _require_instance(reg, instance_id)
+        if inst.status != "lost" and await reg.is_alive(instance_id) and not force:
+            raise OperatorError(f"{instance_id} still reports (status {inst.status}): stop it "
+                                f"first, or use --force")
+        held = await reg.instance_kernel_ids(instance_id)
+        if held:
+            await reg.lifecycle.settle_many(held, KernelStatus.LOST.value, REASON_LOST,
+                                            path=SETTLED_BY_AGENT, instance_id=instance_id)
+        await reg.forget_instance(instance_id)
+        return len(held)
+
+    ended = _run(cli, action, need_db=True)
+    if as_json:
+        print_json({"forgotten": instance_id, "kernels_ended": ended})
+    else:
+        click.echo(f"forgot {instance_id} ({ended} kernel(s) ended as lost)")

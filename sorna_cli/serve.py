@@ -49,6 +49,12 @@ def print_banner(info: ServerInfo) -> None:
 @click.option("--events-port", type=click.IntRange(0, 65535), help="Agent events port (5002).")
 @click.option("--agent-port", type=click.IntRange(0, 65535),
               help="RPC port of the local agent in --standalone mode (6001).")
+@click.option("--gateway-key", type=click.Path(dir_okay=False),
+              help="The gateway's CurveZMQ secret key file (`sorna keys generate`).")
+@click.option("--agent-keys", type=click.Path(),
+              help="Public key file, or folder of them, of the agents to accept.")
+@click.option("--legacy/--no-legacy", "legacy_enabled", default=None,
+              help="Serve the legacy ZMQ interface (off by default; no authentication).")
 @click.option("--legacy-access-key", help="Keypair billed for legacy ZMQ requests.")
 @click.option("--standalone", is_flag=True,
               help="Embedded Redis and SQLite, schema, example keypair and a local agent.")
@@ -60,6 +66,7 @@ def serve(cli: CliContext, standalone: bool, **flags: object) -> None:
     if standalone and (config.explicit_redis_url or not config.uses_embedded_db):
         click.echo("note: --standalone with a configured database/Redis uses them "
                    "instead of the embedded ones", err=True)
+    from sorna_server.curve import CurveKeyError
     from sorna_server.db.engine import DatabaseUnavailable
     from sorna_server.redis_conn import RedisUnavailable
     from sorna_server.schema import SchemaError
@@ -67,7 +74,8 @@ def serve(cli: CliContext, standalone: bool, **flags: object) -> None:
 
     try:
         run(config, standalone=standalone, on_ready=print_banner)
-    except (StartupError, DatabaseUnavailable, RedisUnavailable, SchemaError) as exc:
+    except (StartupError, DatabaseUnavailable, RedisUnavailable, SchemaError,
+            CurveKeyError) as exc:
         raise OperatorError(str(exc), EXIT_FAILURE) from exc
     except OSError as exc:
         raise OperatorError(f"cannot start the server: {exc}", EXIT_FAILURE) from exc

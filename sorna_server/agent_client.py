@@ -5,6 +5,11 @@ are multiplexed by request id and each has its own deadline.  A call to an
 agent that is not connected fails within `connect_grace` seconds, and calls in
 flight fail as soon as the connection drops, so a dead agent never makes a
 request hang until its deadline.
+
+With keys, each socket is a CurveZMQ client whose server key is the key the
+agent registered with (`key_for(addr)`, read when a connection is made or is
+down, so a connected call costs nothing extra).  The CURVE handshake happens
+once per connection, never per call.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import zmq
@@ -19,6 +25,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from . import agent_protocol as proto
+from . import curve
 from .logs import current_request_id
 
 log = logging.getLogger(__name__)
@@ -64,12 +71,17 @@ class _Connection:
     disconnects, so calls fail fast when the agent goes away.
     """
 
-    def __init__(self, ctx: zmq.Context, addr: str, loop: asyncio.AbstractEventLoop):
+    def __init__(self, ctx: zmq.Context, addr: str, loop: asyncio.AbstractEventLoop,
+                 keys: curve.KeyPair | None = None, server_key: bytes | None = None):
         self.addr = addr
+        self.server_key = server_key
         self.loop = loop
         self.pending: dict[int, asyncio.Future] = {}
         self.connected = asyncio.Event()
         self.closed = False
+        # the agent refused our key: libzmq never retries such a connection, so the
+        # client replaces it on the next call (the key may be admitted by then)
+        self.refused = False
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -77,10 +89,13 @@ class _Connection:
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, proto.MAX_RPC_BYTES)
+        curve.make_client(self.sock, keys, server_key)
         # "connected" = the ZMTP handshake is done: with IMMEDIATE set, a send
         # between TCP connect and handshake would fail with EAGAIN.
         self.monitor = self.sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
         self.sock.connect(addr)
         self._fds = (self.sock.getsockopt(zmq.FD), self.monitor.getsockopt(zmq.FD))
         loop.add_reader(self._fds[0], self.drain_replies)
@@ -134,6 +149,9 @@ class _Connection:
                 return
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected.set()
+            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.refused = True
+                self.fail_all("the agent refused this gateway's key")
             elif event["event"] in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
                 self.connected.clear()
                 self.fail_all("connection lost")
@@ -174,18 +192,45 @@ class AgentRPCClient:
     """Call agent RPC methods: `await client.call(addr, "execute", {...}, timeout=12)`."""
 
     def __init__(self, default_timeout: float = 10.0, connect_grace: float = 1.0,
-                 ctx: zmq.Context | None = None):
+                 ctx: zmq.Context | None = None, keys: curve.KeyPair | None = None,
+                 key_for: Callable[[str], Awaitable[str | None]] | None = None):
+        """`keys`: the gateway's CURVE keypair (None: plain sockets); `key_for(addr)`:
+        the public key (z85) of the agent at `addr`, None when none registered."""
         self.default_timeout = default_timeout
         self.connect_grace = connect_grace
+        self.keys = keys
+        self.key_for = key_for
         self._ctx = _sync_context(ctx)
         self._conns: dict[str, _Connection] = {}
         self._ids = itertools.count(1)
 
-    def _connection(self, addr: str) -> _Connection:
+    async def _connection(self, addr: str) -> _Connection:
         conn = self._conns.get(addr)
-        if conn is None:
-            conn = self._conns[addr] = _Connection(self._ctx, addr, asyncio.get_running_loop())
+        if conn is not None and (conn.connected.is_set() or self.keys is None):
+            return conn
+        server_key = await self.server_key(addr)
+        conn = self._conns.get(addr)  # another call may have connected meanwhile
+        if conn is not None and conn.server_key == server_key and not conn.refused:
+            return conn
+        if conn is not None:  # the agent at this address registered another key (or refused)
+            await conn.close()
+        conn = self._conns[addr] = _Connection(self._ctx, addr, asyncio.get_running_loop(),
+                                               self.keys, server_key)
         return conn
+
+    async def server_key(self, addr: str) -> bytes | None:
+        """The CURVE key to connect to `addr` with (None without keys)."""
+        if self.keys is None:
+            return None
+        if self.key_for is None:
+            raise AgentUnreachable(addr, "no agent keys known")
+        try:
+            key = await self.key_for(addr)
+        except Exception as exc:  # the registry is unavailable: cannot know the key
+            raise AgentUnreachable(addr, f"cannot look up its key: {exc}") from None
+        if not key or not curve.is_z85_key(key):
+            raise AgentUnreachable(addr, "no agent with a CurveZMQ key registered this address")
+        return key.encode("ascii")
 
     async def call(self, addr: str, method: str, args: dict[str, Any] | None = None,
                    timeout: float | None = None, request_id: str | None = None) -> Any:
@@ -198,7 +243,7 @@ class AgentRPCClient:
         while waiting).
         """
         timeout = self.default_timeout if timeout is None else timeout
-        conn = self._connection(addr)
+        conn = await self._connection(addr)
         loop = conn.loop
         deadline = loop.time() + timeout
         if not conn.connected.is_set():

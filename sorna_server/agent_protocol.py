@@ -21,7 +21,17 @@ from typing import Any
 import msgpack
 
 PROTOCOL_VERSION = 1
-MAX_FRAME_BYTES = 256 << 20
+# Frames larger than these make libzmq drop the connection (ZMQ_MAXMSGSIZE), so
+# they are never buffered whole.  A heartbeat is a few KB; RPC frames carry
+# uploaded files (one per call) and execute results (capped by the agent).
+MAX_EVENT_BYTES = 1 << 20
+MAX_RPC_BYTES = 64 << 20
+MAX_FRAME_BYTES = MAX_RPC_BYTES
+# What an agent may claim in its info and heartbeats.
+MAX_CLAIMED_KERNELS = 4096
+MAX_LANGUAGES = 64
+MAX_NAME_LENGTH = 64
+HEARTBEAT_INTERVAL_RANGE = (0.05, 60.0)
 MAX_REQUEST_ID = 128  # characters of the optional `request_id` of an RPC request
 
 # --- error types an agent may put in error replies -------------------------
@@ -280,6 +290,30 @@ def decode_event(frame: bytes) -> dict[str, Any]:
             if not isinstance(kernel_id, str) or not isinstance(stats, dict):
                 raise ProtocolError("instance_stats: stats must map kernel ids to maps")
     if event_type == "instance_heartbeat":
-        if not all(isinstance(k, str) for k in msg["running_kernels"]):
-            raise ProtocolError("instance_heartbeat: running_kernels must be strings")
+        check_heartbeat(msg)
+    if "info" in spec:
+        check_claims(msg["info"], event_type)
+    if len(instance_id) > MAX_NAME_LENGTH * 2:
+        raise ProtocolError("instance_id too long")
     return msg
+
+
+def check_heartbeat(msg: dict[str, Any]) -> None:
+    if not all(isinstance(k, str) for k in msg["running_kernels"]):
+        raise ProtocolError("instance_heartbeat: running_kernels must be strings")
+    low, high = HEARTBEAT_INTERVAL_RANGE
+    if not low <= msg["interval"] <= high:
+        raise ProtocolError(f"instance_heartbeat: interval outside {low:g}..{high:g} s")
+    if len(msg["running_kernels"]) > MAX_CLAIMED_KERNELS:
+        raise ProtocolError("instance_heartbeat: too many running_kernels")
+
+
+def check_claims(info: dict[str, Any], event_type: str) -> None:
+    """Bound what an agent may claim about itself."""
+    if not 0 < info["max_kernels"] <= MAX_CLAIMED_KERNELS:
+        raise ProtocolError(f"{event_type}.info: max_kernels outside 1..{MAX_CLAIMED_KERNELS}")
+    languages = info["languages"]
+    if len(languages) > MAX_LANGUAGES or not all(
+            isinstance(lang, str) and 0 < len(lang) <= MAX_NAME_LENGTH for lang in languages):
+        raise ProtocolError(f"{event_type}.info: at most {MAX_LANGUAGES} language names of "
+                            f"at most {MAX_NAME_LENGTH} characters")

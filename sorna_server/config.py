@@ -147,8 +147,13 @@ class SornaConfig(BaseSettings):
     shutdown_timeout: float = Field(default=10.0, gt=0)
     manager_ip: str = Field(default="127.0.0.1", description="legacy ZMQ bind address")
     manager_port: int = Field(default=5001, ge=0, le=65535, description="legacy ZMQ port")
+    legacy_enabled: bool = Field(
+        default=False, description="serve the legacy ZMQ interface (no authentication: "
+                                   "trusted networks only, see docs/security.md)")
     legacy_access_key: str | None = None
-    events_ip: str = "0.0.0.0"
+    events_ip: str = Field(default="127.0.0.1",
+                           description="agent events bind address (beyond loopback only "
+                                       "with gateway_key and agent_keys)")
     events_port: int = Field(default=5002, ge=0, le=65535)
     heartbeat_interval: float = Field(default=3.0, gt=0)
     agent_rpc_timeout: float = Field(default=10.0, gt=0)
@@ -170,6 +175,18 @@ class SornaConfig(BaseSettings):
         default=60.0, gt=0,
         description="seconds a body may take to arrive before its signature is checked")
     # (the sizes above are parsed by `_sizes` below)
+
+    # --- CurveZMQ keys of the agent protocol (docs/security.md) -----------------
+    gateway_key: Path | None = Field(
+        default=None, description="the gateway's secret key file (`sorna keys generate`)")
+    agent_keys: Path | None = Field(
+        default=None, description="public key file, or folder of them, of the agents a "
+                                  "gateway accepts")
+    agent_key: Path | None = Field(
+        default=None, description="the agent's secret key file (`sorna keys generate`)")
+    gateway_keys: Path | None = Field(
+        default=None, description="public key file, or folder of them, of the gateways an "
+                                  "agent accepts")
 
     # --- registry fault handling (issue 10) --------------------------------
     reconcile_interval: float = Field(
@@ -369,7 +386,7 @@ class SornaConfig(BaseSettings):
 
     @property
     def agent_bind_addr(self) -> str:
-        return self.agent_rpc_addr or f"tcp://0.0.0.0:{self.agent_port}"
+        return self.agent_rpc_addr or f"tcp://127.0.0.1:{self.agent_port}"
 
 
 _SECRET_NAMES = ("password", "_url", "secret", "_key")
@@ -434,4 +451,8 @@ def load_config(config_file: str | os.PathLike | None = None, **overrides: Any) 
         raise ConfigError(str(exc).splitlines()[0]) from None
     if (config.ssl_cert is None) != (config.ssl_key is None):
         raise ConfigError("invalid setting ssl_cert/ssl_key: give both or neither")
+    if (config.gateway_key is None) != (config.agent_keys is None):
+        raise ConfigError("invalid setting gateway_key/agent_keys: give both or neither")
+    if (config.agent_key is None) != (config.gateway_keys is None):
+        raise ConfigError("invalid setting agent_key/gateway_keys: give both or neither")
     return config

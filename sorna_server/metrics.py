@@ -66,7 +66,8 @@ AGENT_EVENTS = Counter(
     ["type"], namespace=NAMESPACE)
 AGENT_EVENTS_DROPPED = Counter(
     "agent_events_dropped", "Agent event frames dropped, by reason (malformed, "
-    "registry-unavailable, ...).", ["reason"], namespace=NAMESPACE)
+    "registry-unavailable, foreign: refused for their sender key).", ["reason"],
+    namespace=NAMESPACE)
 
 # --- values read from the registry at scrape time ----------------------------------
 KERNELS = "sorna_kernels"

@@ -54,6 +54,10 @@ it answers again (the key is deleted) or is found lost."""
 INSTANCES = "instances"
 """Set of every known instance id (lost ones included, until forgotten)."""
 
+AGENT_KEYS = "agent-keys"
+"""Hash: agent RPC address -> CURVE public key (z85, "" without keys) of the agent
+that last registered with that address; gateways connect to it with that key."""
+
 SCHED_LIVE = "sched:live"
 """Set of instance ids that are not lost."""
 

@@ -43,6 +43,7 @@ from typing import Any
 import sqlalchemy as sa
 from aiohttp import web
 
+from . import curve
 from .children import die_with_parent
 from .config import SornaConfig
 from .datadir import prepare_data_dir
@@ -54,6 +55,7 @@ from .gateway.app import create_app
 from .gateway.prometheus import MULTIPROC_ENV, metrics_app
 from .logs import setup_logging
 from .redis_conn import EmbeddedRedis
+from .registry.intake import gateway_side
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("sorna.access")
@@ -91,10 +93,37 @@ def run(config: SornaConfig, *, standalone: bool = False,
     """Serve until SIGTERM/SIGINT (blocking)."""
     if standalone or config.uses_embedded_db or config.explicit_redis_url is None:
         prepare_data_dir(config.data_dir)
+    if standalone and config.gateway_key is None:
+        config = with_standalone_keys(config)
+    check_keys(config)
     if config.workers > 1:
         _run_loop(Supervisor(config, standalone=standalone, on_ready=on_ready).serve())
     else:
         _run_loop(GatewayServer(config, standalone=standalone, on_ready=on_ready).serve())
+
+
+def check_keys(config: SornaConfig) -> None:
+    """Fail at once (CurveKeyError, one line) on unreadable keys, or on a
+    non-loopback events port without keys."""
+    gateway_side(config)
+    if config.legacy_enabled and not curve.is_loopback(config.manager_ip):
+        log.warning("the legacy ZMQ interface has no authentication and listens on %s: "
+                    "keep that network trusted", config.manager_ip)
+
+
+def with_standalone_keys(config: SornaConfig) -> SornaConfig:
+    """The config with CurveZMQ keys for the gateway and its local agent, made in
+    the data directory on first use (`keys/gateway.*`, `keys/agent.*`)."""
+    folder = config.data_dir.resolve() / "keys"
+    for name in ("gateway", "agent"):
+        if not (folder / f"{name}{curve.SECRET_SUFFIX}").is_file():
+            curve.generate(folder / name, overwrite=True)
+            log.info("made the CurveZMQ key %s", folder / f"{name}{curve.SECRET_SUFFIX}")
+    return config.model_copy(update={
+        "gateway_key": folder / f"gateway{curve.SECRET_SUFFIX}",
+        "agent_keys": folder / f"agent{curve.PUBLIC_SUFFIX}",
+        "agent_key": folder / f"agent{curve.SECRET_SUFFIX}",
+        "gateway_keys": folder / f"gateway{curve.PUBLIC_SUFFIX}"})
 
 
 def _run_loop(coro: Any) -> None:
@@ -257,7 +286,8 @@ class GatewayServer:
         self.info = ServerInfo(
             endpoint=endpoint,
             events_addr=f"tcp://{config.events_ip}:{config.events_port}",
-            legacy_addr=f"tcp://{config.manager_ip}:{config.manager_port}",
+            legacy_addr=f"tcp://{config.manager_ip}:{config.manager_port}"
+            if config.legacy_enabled else "off",
             workers=config.workers, standalone=self.standalone,
             data_dir=str(config.data_dir.resolve()),
             access_key=(self.example or {}).get("access_key"),
@@ -327,6 +357,8 @@ class GatewayServer:
         args = [sys.executable, "-m", "sorna_cli", "--data-dir", str(config.data_dir.resolve()),
                 "--log-level", config.log_level, "--log-format", config.log_format, "agent",
                 "--rpc-addr", self._agent_rpc_addr(),
+                *(["--key", str(config.agent_key), "--gateway-keys", str(config.gateway_keys)]
+                  if config.agent_key and config.gateway_keys else []),
                 "--manager", f"tcp://127.0.0.1:{config.events_port}",
                 "--max-kernels", str(config.agent_max_kernels),
                 "--exec-timeout", str(config.agent_exec_timeout),

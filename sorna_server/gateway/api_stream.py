@@ -32,6 +32,7 @@ import zmq
 import zmq.asyncio
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from .. import curve
 from ..agent_client import AgentError
 from ..registry import KernelRecord
 from . import keys
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 PORT_CHECK_INTERVAL = 1.0
 KEY_CHECK_MAX_INTERVAL = 1.0
 MAX_STDIN_CHUNK = 64 << 10
+MAX_OUTPUT_FRAME = 1 << 20  # a terminal's output frame from the agent (it sends a few KB)
 
 
 async def stream_pty(request: web.Request) -> web.WebSocketResponse:
@@ -77,14 +79,20 @@ class PtyBridge:
         self.stdout: zmq.asyncio.Socket | None = None
         self.downstream: asyncio.Task[None] | None = None
 
-    def _connect(self) -> None:
+    async def _connect(self) -> None:
+        """Connect to the kernel's PTY sockets: CURVE clients of the agent's key."""
         host = self.record.agent_host
+        rpc = self.service.rpc
+        server_key = await rpc.server_key(self.record.addr)
         self.stdin = self.ctx.socket(zmq.PUB)
         self.stdin.setsockopt(zmq.LINGER, 0)
+        curve.make_client(self.stdin, rpc.keys, server_key)
         self.stdin.connect(f"tcp://{host}:{self.record.stdin_port}")
         self.stdout = self.ctx.socket(zmq.SUB)
         self.stdout.setsockopt(zmq.LINGER, 0)
+        self.stdout.setsockopt(zmq.MAXMSGSIZE, MAX_OUTPUT_FRAME)
         self.stdout.setsockopt(zmq.SUBSCRIBE, b"")
+        curve.make_client(self.stdout, rpc.keys, server_key)
         self.stdout.connect(f"tcp://{host}:{self.record.stdout_port}")
         self.downstream = asyncio.create_task(self._forward_output(self.stdout))
 
@@ -100,7 +108,7 @@ class PtyBridge:
 
     async def _reconnect(self) -> None:
         await self._disconnect()
-        self._connect()
+        await self._connect()
 
     async def _forward_output(self, sock: zmq.asyncio.Socket) -> None:
         while True:
@@ -154,7 +162,12 @@ class PtyBridge:
                 return
 
     async def run(self) -> None:
-        self._connect()
+        try:
+            await self._connect()
+        except AgentError as exc:
+            await self._send_error(str(exc))
+            await self.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"agent unreachable")
+            return
         watchers = [asyncio.create_task(self._watch_kernel()),
                     asyncio.create_task(self._watch_keypair())]
         try:

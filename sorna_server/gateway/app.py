@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import WSCloseCode, web
 
-from .. import __version__, metrics
+from .. import __version__, curve, metrics, redis_keys
 from ..agent_client import AgentRPCClient
 from ..config import SornaConfig
 from ..redis_conn import open_redis
@@ -78,7 +78,17 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _rpc(app: web.Application) -> AsyncIterator[None]:
-    client = AgentRPCClient(default_timeout=app[keys.CONFIG].agent_rpc_timeout)
+    config = app[keys.CONFIG]
+    instances = app[keys.REDIS].instances
+
+    async def key_for(addr: str) -> str | None:
+        key = await instances.hget(redis_keys.AGENT_KEYS, addr)
+        return key.decode() if isinstance(key, bytes) else key
+
+    gateway_key = None if config.gateway_key is None else \
+        curve.load_keypair(config.gateway_key, "gateway_key")
+    client = AgentRPCClient(default_timeout=config.agent_rpc_timeout, keys=gateway_key,
+                            key_for=key_for)
     app[keys.RPC] = client
     try:
         yield
@@ -161,7 +171,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _legacy(app: web.Application) -> AsyncIterator[None]:
-    if not app[keys.PRIMARY]:
+    if not app[keys.PRIMARY] or not app[keys.CONFIG].legacy_enabled:
         yield
         return
     from ..legacy import LegacyListener

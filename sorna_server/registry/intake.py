@@ -25,9 +25,10 @@ import zmq.asyncio
 from redis.exceptions import RedisError
 
 from .. import agent_protocol as proto
-from .. import metrics
+from .. import curve, metrics
 from .. import redis_keys as keys
 from ..agent_client import AgentError
+from ..config import SornaConfig
 from ..db.models import FINAL_STATUSES, KernelStatus, kernels
 from . import scripts
 from .constants import (
@@ -50,13 +51,26 @@ MAX_BATCH = 512
 POLL_MS = 200
 
 
+def gateway_side(config: SornaConfig) -> tuple[curve.KeyPair, curve.KeyRing] | None:
+    """The gateway's keypair and the agent keys it admits (None: plain, loopback only)."""
+    return curve.load_side(config.gateway_key, "gateway_key", config.agent_keys, "agent_keys",
+                           peer="agent", host=config.events_ip,
+                           port="the agent events port (events_ip)")
+
+
 class EventIntake:
     def __init__(self, registry: Registry):
         self.registry = registry
         self.lifecycle = registry.lifecycle
         self.config = registry.config
-        self.ctx = zmq.asyncio.Context.instance()
+        self.ctx: zmq.asyncio.Context | None = None
         self.sock: zmq.asyncio.Socket | None = None
+        self.keys: curve.KeyPair | None = None
+        self.ring: curve.KeyRing | None = None   # the agent keys accepted
+        self._auth: Any = None
+        self._watch: curve.HandshakeWatch | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self.foreign = curve.RefusalLog("foreign events")
         self.endpoint: str | None = None
         self._reader: asyncio.Task | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -64,23 +78,52 @@ class EventIntake:
         self._closing = False
         self.received = 0  # frames read from the socket
         self.handled = 0   # frames whose handling finished (heartbeats are in Redis)
-        self.dropped = 0   # malformed frames
+        self.dropped = 0   # malformed frames and events refused for their sender
 
     async def start(self) -> None:
+        """Bind the events port: a CURVE server accepting the `agent_keys` when
+        keys are configured, else plain and on loopback only."""
+        config = self.config
+        side = gateway_side(config)
+        if side is not None:
+            self.keys, self.ring = side
+        self.ctx = zmq.asyncio.Context()  # its own: one ZAP handler per context
+        if self.ring is not None:
+            self._auth = curve.start_authenticator(self.ctx, self.ring)
         sock = self.ctx.socket(zmq.PULL)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.setsockopt(zmq.MAXMSGSIZE, proto.MAX_FRAME_BYTES)
-        address = f"tcp://{self.config.events_ip}:{self.config.events_port}"
+        # a larger frame makes libzmq drop the connection: it is never buffered whole
+        sock.setsockopt(zmq.MAXMSGSIZE, proto.MAX_EVENT_BYTES)
+        curve.make_server(sock, self.keys)
+        address = f"tcp://{config.events_ip}:{config.events_port}"
         try:
             sock.bind(address)
         except zmq.ZMQError as exc:
             sock.close(0)
+            self._close_context()
             raise OSError(f"cannot bind the events port {address}: {exc}") from None
         self.sock = sock
         self.endpoint = bytes(sock.getsockopt(zmq.LAST_ENDPOINT)).decode()
+        if self.keys is not None:
+            self._watch = curve.HandshakeWatch(sock, f"the events port {self.endpoint}")
+            self._watch_task = asyncio.create_task(self._watch.run(), name="events-refusals")
         self._reader = asyncio.create_task(self._read(), name="registry-event-intake")
-        log.info("listening for agent events on %s", self.endpoint)
+        log.info("listening for agent events on %s (%s)", self.endpoint,
+                 f"CurveZMQ, agent keys from {config.agent_keys}" if self.keys
+                 else "plain ZeroMQ: no keys configured, loopback only")
+
+    def _close_context(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        if self._watch is not None:
+            self._watch.close()
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self.ctx is not None:
+            self.ctx.destroy(linger=0)
+            self.ctx = None
 
     async def stop(self, timeout: float = 5.0) -> None:
         self._closing = True
@@ -93,6 +136,7 @@ class EventIntake:
         if self.sock is not None:
             self.sock.close(0)
             self.sock = None
+        self._close_context()
         pending = list(self._tasks)
         if pending:
             _, still = await asyncio.wait(pending, timeout=timeout)
@@ -127,14 +171,17 @@ class EventIntake:
             if not await self.sock.poll(POLL_MS, zmq.POLLIN):  # type: ignore[call-arg]
                 continue
             frames: list[bytes] = []
+            senders: list[str | None] = []
             while len(frames) < MAX_BATCH:
                 try:
                     # on a ready socket, the asyncio recv completes at once
-                    frames.append(self.sock.recv(zmq.NOBLOCK).result())  # type: ignore[attr-defined]
+                    frame = self.sock.recv(zmq.NOBLOCK, copy=False).result()  # type: ignore[attr-defined]
                 except zmq.Again:
                     break
+                frames.append(frame.bytes)
+                senders.append(curve.peer_key(frame) if self.keys is not None else None)
             try:
-                await self.handle_frames(frames)
+                await self.handle_frames(frames, senders)
             except (RedisError, OSError) as exc:
                 metrics.AGENT_EVENTS_DROPPED.labels(reason="registry-unavailable").inc(
                     len(frames))
@@ -145,9 +192,12 @@ class EventIntake:
             finally:
                 self.handled += len(frames)
 
-    async def handle_frames(self, frames: list[bytes]) -> None:
+    async def handle_frames(self, frames: list[bytes],
+                            senders: list[str | None] | None = None) -> None:
+        """Handle a batch of event frames; `senders` are the CURVE keys (z85) of
+        the agents that sent them (None without keys)."""
         heartbeats: list[dict[str, Any]] = []
-        for frame in frames:
+        for frame, sender in zip(frames, senders or [None] * len(frames), strict=True):
             self.received += 1
             try:
                 event = proto.decode_event(frame)
@@ -156,6 +206,11 @@ class EventIntake:
                 metrics.AGENT_EVENTS_DROPPED.labels(reason="malformed").inc()
                 log.warning("dropped malformed agent event: %s", exc)
                 continue
+            if self.ring is not None and not self.ring.allows(sender):
+                # a key removed from agent_keys while its connection stays open
+                self.refuse(event, sender, "its key is no longer among agent_keys")
+                continue
+            event["sender"] = sender or ""  # never taken from the wire
             metrics.AGENT_EVENTS.labels(type=event["type"]).inc()
             if event["type"] == "instance_heartbeat":
                 heartbeats.append(event)
@@ -167,13 +222,32 @@ class EventIntake:
     def dispatch(self, event: dict[str, Any]) -> None:
         kind, iid = event["type"], event["instance_id"]
         if kind == "kernel_terminated":
-            self.spawn(self.on_kernel_terminated(event), f"settle {event['kernel_id']}")
+            self.spawn(self.owned(event, self.on_kernel_terminated), f"settle {event['kernel_id']}")
         elif kind == "instance_stats":
-            self.spawn(self.registry.update_stats(event["stats"]), f"stats {iid}")
+            self.spawn(self.owned(event, self.on_stats), f"stats {iid}")
         elif kind == "instance_started":
-            self.spawn(self.on_started(event), f"started {iid}")
+            self.spawn(self.owned(event, self.on_started), f"started {iid}")
         elif kind == "instance_terminated":
-            self.spawn(self.on_terminated(event), f"terminated {iid}")
+            self.spawn(self.owned(event, self.on_terminated), f"terminated {iid}")
+
+    async def owned(self, event: dict[str, Any], handler: Any) -> None:
+        """Run `handler(event)` if the event's sender owns its instance id: the key
+        that registered the id (instance_started may register a new id)."""
+        owner = await self.registry.instance_owner(event["instance_id"])
+        if owner == event["sender"] or (owner is None and event["type"] == "instance_started"):
+            await handler(event)
+        else:
+            self.refuse(event, event["sender"], "its instance id is registered by another key"
+                        if owner is not None else "its instance id is not registered")
+
+    def refuse(self, event: dict[str, Any], sender: str | None, why: str) -> None:
+        self.dropped += 1
+        metrics.AGENT_EVENTS_DROPPED.labels(reason="foreign").inc()
+        self.foreign.note(f"refused {event['type']} for instance {event['instance_id']!r} "
+                          f"from key {sender or '(plain)'}: {why}")
+
+    async def on_stats(self, event: dict[str, Any]) -> None:
+        await self.registry.update_stats(event["stats"], event["instance_id"])
 
     # --- heartbeats ----------------------------------------------------------
     def heartbeat_args(self, event: dict[str, Any], running: list[str], now: float) -> list[Any]:
@@ -186,7 +260,7 @@ class EventIntake:
                 info["max_kernels"], info.get("num_kernels", len(running)),
                 json.dumps(languages), str(info.get("version", "")), info.get("cpu_count", 0),
                 info.get("mem_bytes", 0), json.dumps(info.get("isolation") or {}),
-                json.dumps(info.get("language_info") or {}), *running]
+                json.dumps(info.get("language_info") or {}), event.get("sender", ""), *running]
 
     async def handle_heartbeats(self, events: list[dict[str, Any]]) -> None:
         now = time.time()
@@ -210,19 +284,27 @@ class EventIntake:
         for event, result in zip(events, results, strict=True):
             if isinstance(result, Exception):
                 log.warning("heartbeat of %s not recorded: %s", event["instance_id"], result)
-                continue
-            state, vanished, unknown = result
-            iid = event["instance_id"]
-            if state == "new":
-                log.info("agent %s registered (%s)", iid, event["info"]["addr"])
-            elif state == "lost":
-                self._once(f"revive {iid}", self.revive(event))
-            if vanished:
-                self._once(f"vanished {iid}", self.lifecycle.settle_many(
-                    vanished, KernelStatus.LOST.value, REASON_VANISHED,
-                    path=SETTLED_BY_HEARTBEAT, instance_id=iid))
-            if unknown:
-                self._once(f"unknown {iid}", self.on_unknown_kernels(event, unknown))
+            else:
+                self._after_heartbeat(event, *result)
+
+    def _after_heartbeat(self, event: dict[str, Any], state: str, vanished: list[str],
+                         unknown: list[str]) -> None:
+        """Follow up a recorded heartbeat: registration, revival, kernels to settle."""
+        iid = event["instance_id"]
+        if state == "foreign":
+            self.refuse(event, event.get("sender"), "its instance id is registered by "
+                                                    "another key")
+            return
+        if state == "new":
+            log.info("agent %s registered (%s)", iid, event["info"]["addr"])
+        elif state == "lost":
+            self._once(f"revive {iid}", self.revive(event))
+        if vanished:
+            self._once(f"vanished {iid}", self.lifecycle.settle_many(
+                vanished, KernelStatus.LOST.value, REASON_VANISHED,
+                path=SETTLED_BY_HEARTBEAT, instance_id=iid))
+        if unknown:
+            self._once(f"unknown {iid}", self.on_unknown_kernels(event, unknown))
 
     def _once(self, subject: str, coro: Any) -> None:
         """Run `coro` in the background unless work on `subject` is still running."""

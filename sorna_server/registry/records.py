@@ -82,6 +82,7 @@ class Instance:
     mem_bytes: int = 0
     isolation: dict = field(default_factory=dict)
     interval: float = 0.0
+    key: str = ""  # the CURVE public key (z85) that registered this instance; "" = plain
 
     @classmethod
     def from_hash(cls, instance_id: str, raw: dict[str, str]) -> Instance:
@@ -101,6 +102,7 @@ class Instance:
             mem_bytes=_int(raw.get("mem_bytes")),
             isolation=dict(_json(raw.get("isolation"), {})),
             interval=_float(raw.get("interval")),
+            key=raw.get("key", ""),
         )
 
     def as_dict(self) -> dict[str, Any]:

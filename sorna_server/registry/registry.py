@@ -141,7 +141,12 @@ class Registry:
             return 0
         return int(await scripts.touch_kernels(self.redis.kernels, *args))
 
-    async def update_stats(self, stats: dict[str, dict[str, Any]]) -> int:
+    async def update_stats(self, stats: dict[str, dict[str, Any]],
+                           instance_id: str | None = None) -> int:
+        """Store per-kernel stats; with `instance_id`, only of that agent's kernels."""
+        if instance_id is not None:
+            own = await self.instance_kernel_ids(instance_id)
+            stats = {kid: values for kid, values in stats.items() if kid in own}
         args: list[str] = []
         for kernel_id, values in stats.items():
             args += [kernel_id, json.dumps(values)]
@@ -160,6 +165,12 @@ class Registry:
             return []
         raws = await hgetall_many(self.redis.instances, [keys.instance(iid) for iid in ids])
         return [Instance.from_hash(iid, raw) for iid, raw in zip(ids, raws, strict=True) if raw]
+
+    async def instance_owner(self, instance_id: str) -> str | None:
+        """The agent key (z85; "" without keys) that registered `instance_id`,
+        or None when no agent holds that id."""
+        owner = await self.redis.instances.hget(keys.instance(instance_id), "key")
+        return owner.decode() if isinstance(owner, bytes) else owner
 
     async def instance_kernel_ids(self, instance_id: str) -> set[str]:
         return await set_members(self.redis.instances, keys.instance_kernels(instance_id))

@@ -37,6 +37,7 @@ local S_MISSING = {keys.INSTANCE_MISSING_SUFFIX!r}
 local S_UNKNOWN = {keys.INSTANCE_UNKNOWN_SUFFIX!r}
 local S_SUSPECT = {keys.INSTANCE_SUSPECT_SUFFIX!r}
 local K_INSTANCES = {keys.INSTANCES!r}
+local K_AGENT_KEYS = {keys.AGENT_KEYS!r}
 local K_LIVE = {keys.SCHED_LIVE!r}
 local K_DRAINING = {keys.SCHED_DRAINING!r}
 local P_OFFER = {keys.SCHED_OFFER_PREFIX!r}
@@ -176,7 +177,9 @@ HEARTBEAT = _PRELUDE + """
 local iid, now, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local interval, grace = ARGV[4], tonumber(ARGV[5])
 local h = P_INSTANCE .. iid
-local status = redis.call('HGET', h, 'status')
+local status, owner = unpack(redis.call('HMGET', h, 'status', 'key'))
+-- an instance id speaks only through the agent key that registered it
+if owner and owner ~= ARGV[15] then return {'foreign', {}, {}} end
 if status == 'lost' then return {'lost', {}, {}} end
 local state = 'ok'
 if not status then
@@ -190,12 +193,13 @@ end
 redis.call('HSET', h, 'last_heartbeat', ARGV[2], 'interval', interval, 'addr', ARGV[6],
            'max_kernels', ARGV[7], 'num_kernels', ARGV[8], 'languages', ARGV[9],
            'version', ARGV[10], 'cpu_count', ARGV[11], 'mem_bytes', ARGV[12],
-           'isolation', ARGV[13], 'language_info', ARGV[14])
+           'isolation', ARGV[13], 'language_info', ARGV[14], 'key', ARGV[15])
+redis.call('HSET', K_AGENT_KEYS, ARGV[6], ARGV[15])
 redis.call('SET', h .. S_ALIVE, '1', 'PX', ttl)
 recompute(iid, now)
 
 local running = {}
-for i = 15, #ARGV do running[ARGV[i]] = true end
+for i = 16, #ARGV do running[ARGV[i]] = true end
 local held = {}
 local vanished = {}
 local mkey, ukey = h .. S_MISSING, h .. S_UNKNOWN
@@ -214,7 +218,7 @@ for _, kid in ipairs(redis.call('HKEYS', mkey)) do
   if running[kid] or not held[kid] then redis.call('HDEL', mkey, kid) end
 end
 local unknown = {}
-for i = 15, #ARGV do
+for i = 16, #ARGV do
   local kid = ARGV[i]
   if not held[kid] then
     local since = redis.call('HGET', ukey, kid)

@@ -141,6 +141,16 @@ def test_compose_runs_postgres_redis_a_gateway_and_an_agent() -> None:
     manager = services["agent"]["command"][services["agent"]["command"].index("--manager") + 1]
     assert manager == f"tcp://gateway:{services['gateway']['environment']['SORNA_EVENTS_PORT']}"
     assert "schema" in services["gateway"]["depends_on"]
+    # CurveZMQ: the keys service makes both keypairs; each side names its own secret
+    # key and the other side's public key, on the shared keys volume
+    assert services["keys"]["command"][:2] == ["keys", "generate"]
+    assert "keys" in services["gateway"]["depends_on"]
+    made = {arg for arg in services["keys"]["command"] if arg.startswith("/")}
+    gateway_env, agent_env = (services[name]["environment"] for name in ("gateway", "agent"))
+    assert gateway_env["SORNA_GATEWAY_KEY"].removesuffix(".key_secret") in made
+    assert gateway_env["SORNA_AGENT_KEYS"].removesuffix(".key") in made
+    assert agent_env["SORNA_AGENT_KEY"].removesuffix(".key_secret") in made
+    assert agent_env["SORNA_GATEWAY_KEYS"].removesuffix(".key") in made
 
 
 def test_dockerfile_copies_what_exists_and_runs_sorna() -> None:

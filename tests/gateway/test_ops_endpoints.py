@@ -209,7 +209,9 @@ async def test_metrics_count_settlements_events_and_dropped_frames(gateway_facto
     def delta(name: str, **labels: str) -> float:
         return sample(after, name, **labels) - sample(before, name, **labels)
 
-    assert delta("sorna_kernel_settlements_total", path="destroy", status="TERMINATED") == 1
+    # the destroy request and the agent's kernel_terminated race to settle: one of them does
+    assert sum(delta("sorna_kernel_settlements_total", path=path, status="TERMINATED")
+               for path in ("destroy", "event")) == 1
     assert delta("sorna_agent_events_dropped_total", reason="malformed") == 1
 
     async def terminated_event_counted() -> bool:  # the agent's own report of the destroy

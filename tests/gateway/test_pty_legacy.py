@@ -91,7 +91,7 @@ async def _legacy_call(addr: str, payload: bytes, timeout: float = 20) -> dict:
 
 
 async def test_legacy_zmq_interface(gateway_factory):
-    gw = await gateway_factory(agents=1, legacy_access_key=EXAMPLE_ACCESS)
+    gw = await gateway_factory(agents=1, legacy_access_key=EXAMPLE_ACCESS, legacy_enabled=True)
     addr = f"tcp://127.0.0.1:{gw.config.manager_port}"
     assert await _legacy_call(addr, b'{"action": 0, "body": "hi"}') == {"reply": 0, "body": "hi"}
 
@@ -131,7 +131,7 @@ async def test_legacy_zmq_interface(gateway_factory):
 
 
 async def test_legacy_without_a_billing_key(gateway_factory):
-    gw = await gateway_factory()
+    gw = await gateway_factory(legacy_enabled=True)
     addr = f"tcp://127.0.0.1:{gw.config.manager_port}"
     reply = await _legacy_call(addr, json.dumps(
         {"action": 2, "user_id": 1, "entry_id": uuid.uuid4().hex, "lang": "python3"}).encode())

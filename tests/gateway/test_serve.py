@@ -130,7 +130,7 @@ def test_lcc_builds_and_runs_c_files(serve):
 
 
 def test_workers_share_the_port_and_a_second_signal_forces_exit(serve):
-    server, ports = serve("--standalone", "--workers", "2", name="workers")
+    server, ports = serve("--standalone", "--workers", "2", "--legacy", name="workers")
     endpoint = server.wait_ready()
     for _ in range(30):  # fresh connections spread over both workers
         with requests.Session() as session:
