@@ -58,6 +58,10 @@ AGENT_KEYS = "agent-keys"
 """Hash: agent RPC address -> CURVE public key (z85, "" without keys) of the agent
 that last registered with that address; gateways connect to it with that key."""
 
+AGENT_ADDRS = "agent-addrs"
+"""Hash: agent RPC address -> the instance id holding it.  Another instance id
+may register that address only once the holder is lost or forgotten."""
+
 SCHED_LIVE = "sched:live"
 """Set of instance ids that are not lost."""
 

@@ -291,9 +291,10 @@ class EventIntake:
                          unknown: list[str]) -> None:
         """Follow up a recorded heartbeat: registration, revival, kernels to settle."""
         iid = event["instance_id"]
-        if state == "foreign":
-            self.refuse(event, event.get("sender"), "its instance id is registered by "
-                                                    "another key")
+        if state in ("foreign", "taken"):
+            self.refuse(event, event.get("sender"), "its instance id is registered by another "
+                        "key" if state == "foreign" else "its address is held by another live "
+                        "agent")
             return
         if state == "new":
             log.info("agent %s registered (%s)", iid, event["info"]["addr"])

@@ -38,6 +38,7 @@ local S_UNKNOWN = {keys.INSTANCE_UNKNOWN_SUFFIX!r}
 local S_SUSPECT = {keys.INSTANCE_SUSPECT_SUFFIX!r}
 local K_INSTANCES = {keys.INSTANCES!r}
 local K_AGENT_KEYS = {keys.AGENT_KEYS!r}
+local K_AGENT_ADDRS = {keys.AGENT_ADDRS!r}
 local K_LIVE = {keys.SCHED_LIVE!r}
 local K_DRAINING = {keys.SCHED_DRAINING!r}
 local P_OFFER = {keys.SCHED_OFFER_PREFIX!r}
@@ -180,6 +181,13 @@ local h = P_INSTANCE .. iid
 local status, owner = unpack(redis.call('HMGET', h, 'status', 'key'))
 -- an instance id speaks only through the agent key that registered it
 if owner and owner ~= ARGV[15] then return {'foreign', {}, {}} end
+-- an address belongs to one live instance: no other id may claim it meanwhile
+local addr = ARGV[6]
+local holder = redis.call('HGET', K_AGENT_ADDRS, addr)
+if holder and holder ~= iid then
+  local held = redis.call('HGET', P_INSTANCE .. holder, 'status')
+  if held and held ~= 'lost' then return {'taken', {}, {}} end
+end
 if status == 'lost' then return {'lost', {}, {}} end
 local state = 'ok'
 if not status then
@@ -190,11 +198,16 @@ else
   local old = redis.call('HGET', h, 'languages')
   if old and old ~= ARGV[9] then unlist_languages(iid, decode_list(old)) end
 end
+local old_addr = redis.call('HGET', h, 'addr')
+if old_addr and old_addr ~= addr and redis.call('HGET', K_AGENT_ADDRS, old_addr) == iid then
+  redis.call('HDEL', K_AGENT_ADDRS, old_addr)
+end
+redis.call('HSET', K_AGENT_ADDRS, addr, iid)
+redis.call('HSET', K_AGENT_KEYS, addr, ARGV[15])
 redis.call('HSET', h, 'last_heartbeat', ARGV[2], 'interval', interval, 'addr', ARGV[6],
            'max_kernels', ARGV[7], 'num_kernels', ARGV[8], 'languages', ARGV[9],
            'version', ARGV[10], 'cpu_count', ARGV[11], 'mem_bytes', ARGV[12],
            'isolation', ARGV[13], 'language_info', ARGV[14], 'key', ARGV[15])
-redis.call('HSET', K_AGENT_KEYS, ARGV[6], ARGV[15])
 redis.call('SET', h .. S_ALIVE, '1', 'PX', ttl)
 recompute(iid, now)
 
@@ -298,6 +311,10 @@ FORGET_INSTANCE = _PRELUDE + """
 local iid = ARGV[1]
 local h = P_INSTANCE .. iid
 local kernels = redis.call('SMEMBERS', h .. S_KERNELS)
+local addr = redis.call('HGET', h, 'addr')
+if addr and redis.call('HGET', K_AGENT_ADDRS, addr) == iid then
+  redis.call('HDEL', K_AGENT_ADDRS, addr)
+end
 unlist_languages(iid, decode_list(redis.call('HGET', h, 'languages')))
 redis.call('SREM', K_LIVE, iid)
 redis.call('SREM', K_DRAINING, iid)

@@ -25,10 +25,11 @@ def populated(registry_config):
         try:
             intake = EventIntake(env.registry)
             ak = await env.create_keypair("AKIACLITEST000000001")
-            for iid, langs in (("i-one", ["python3"]), ("i-two", ["python3", "bash"])):
+            for port, iid, langs in ((6001, "i-one", ["python3"]),
+                                     (6002, "i-two", ["python3", "bash"])):
                 await intake.handle_heartbeats([{
                     "type": "instance_heartbeat", "instance_id": iid,
-                    "info": info(f"tcp://127.0.0.1:{6000 + len(iid)}", max_kernels=4,
+                    "info": info(f"tcp://127.0.0.1:{port}", max_kernels=4,
                                  languages=tuple(langs)),
                     "running_kernels": [], "interval": 30, "ts": time.time()}])
             kids = [await env.register(ak, "i-one") for _ in range(2)]
