@@ -75,7 +75,7 @@ class RPCServer:
         except zmq.ZMQError as exc:
             self.sock.close(linger=0)
             raise AgentStartError(f"cannot listen on {bind_addr}: {exc}") from None
-        self.watch = curve.HandshakeWatch(self.sock, f"the RPC port {bind_addr}") \
+        self.watch = curve.HandshakeWatch(self.sock, "the RPC port") \
             if keys is not None else None
         self.revoked = curve.RefusalLog("revoked gateway key")
 

@@ -32,6 +32,7 @@ from tests.helpers import (
     PG_URL,
     REAL_REDIS_URL,
     TEST_REDIS_DBS,
+    AgentCurve,
     AgentProcess,
     PrivateRedis,
     ServeProcess,
@@ -129,13 +130,16 @@ def agent_factory(tmp_path: Path) -> Callable[..., AgentProcess]:
     (`data_dir=`: its data directory, default a fresh one per instance id).
 
     Keyword flags map to `sorna agent` options (max_kernels -> --max-kernels).
+    `curve=AgentCurve(...)` gives it CurveZMQ keys (`--key`, `--gateway-keys`) and
+    pings it with the gateway keypair of that setting.
     Waits until the agent answers `ping`; every agent is stopped after the test.
     """
     started: list[AgentProcess] = []
 
     def start(events_port: int | None = None, *, instance_id: str | None = None,
               managers: list[str] | None = None, env: dict[str, str] | None = None,
-              wait: bool = True, data_dir: Path | None = None, **flags: Any) -> AgentProcess:
+              wait: bool = True, data_dir: Path | None = None,
+              curve: AgentCurve | None = None, **flags: Any) -> AgentProcess:
         port = helpers.free_port()
         addr = f"tcp://127.0.0.1:{port}"
         instance_id = instance_id or f"i-test-{uuid.uuid4().hex[:8]}"
@@ -146,6 +150,9 @@ def agent_factory(tmp_path: Path) -> Callable[..., AgentProcess]:
                 "--rpc-addr", addr, "--instance-id", instance_id]
         for manager in managers:
             args += ["--manager", manager]
+        if curve is not None:
+            args += ["--key", str(curve.key), "--gateway-keys", str(curve.gateway_keys)]
+        ping_keys = (curve.gateway, curve.public) if curve is not None else (None, None)
         for name, value in flags.items():
             args += [f"--{name.replace('_', '-')}", str(value)]
         log_path = data_dir / "agent.log"
@@ -158,7 +165,7 @@ def agent_factory(tmp_path: Path) -> Callable[..., AgentProcess]:
             while time.monotonic() < deadline:
                 if proc.poll() is not None:
                     raise RuntimeError(f"agent exited with {proc.returncode}:\n{agent.log()}")
-                if ping_agent(addr, 0.5):
+                if ping_agent(addr, 0.5, *ping_keys):
                     break
             else:
                 raise RuntimeError(f"agent did not answer ping:\n{agent.log()}")

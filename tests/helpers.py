@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,6 +46,7 @@ from sqlalchemy.engine import make_url
 
 from sorna_cli.main import cli
 from sorna_server import agent_protocol as proto
+from sorna_server import curve
 from sorna_server import keypairs as keypair_api
 from sorna_server.agent_client import AgentRPCClient
 from sorna_server.config import SornaConfig
@@ -225,6 +227,21 @@ class AgentProcess:
         return self.proc.returncode
 
 
+@dataclass(frozen=True)
+class AgentCurve:
+    """CurveZMQ settings of a test agent (`agent_factory(curve=...)`): its secret
+    key file (`--key`), the gateway public keys it accepts (`--gateway-keys`, a
+    file or a folder), and a gateway keypair among those, to ping it with."""
+    key: Path
+    gateway_keys: Path
+    gateway: curve.KeyPair
+
+    @property
+    def public(self) -> bytes:
+        """The agent's public key (z85)."""
+        return curve.load_keypair(self.key, "agent_key").public
+
+
 def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
                  timeout: float = 20.0) -> bool:
     """Send `sig` and wait; kill after `timeout`.  True if it ended by itself in time."""
@@ -273,11 +290,14 @@ def wait_processes_gone(pids: Iterable[int], timeout: float = 15.0) -> None:
         time.sleep(0.05)
 
 
-def ping_agent(addr: str, timeout: float) -> bool:
-    from sorna_server import agent_protocol as proto
+def ping_agent(addr: str, timeout: float, keys: curve.KeyPair | None = None,
+               server_key: bytes | None = None) -> bool:
+    """True if the agent at `addr` answers `ping` within `timeout` seconds; with
+    `keys` (a gateway keypair) and `server_key` (the agent's public key), over CURVE."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    curve.make_client(sock, keys, server_key)
     sock.connect(addr)
     try:
         sock.send(proto.encode_request(1, "ping"))
@@ -564,6 +584,10 @@ class RegistryEnv:
 
     async def heartbeat(self, instance_id: str, running: list[str] | tuple = (), *,
                         interval: float | None = None, **info_args: Any) -> None:
+        # one address per instance id (a live agent's address is its alone); loopback
+        # ports below 1000 refuse connections at once
+        port = 1 + zlib.crc32(instance_id.encode()) % 999
+        info_args.setdefault("addr", f"tcp://127.0.0.1:{port}")
         await self.push("instance_heartbeat", instance_id, info=info(**info_args),
                         running_kernels=list(running),
                         interval=interval or self.config.heartbeat_interval)

@@ -106,7 +106,7 @@ class EventIntake:
         self.sock = sock
         self.endpoint = bytes(sock.getsockopt(zmq.LAST_ENDPOINT)).decode()
         if self.keys is not None:
-            self._watch = curve.HandshakeWatch(sock, f"the events port {self.endpoint}")
+            self._watch = curve.HandshakeWatch(sock, "the events port")
             self._watch_task = asyncio.create_task(self._watch.run(), name="events-refusals")
         self._reader = asyncio.create_task(self._read(), name="registry-event-intake")
         log.info("listening for agent events on %s (%s)", self.endpoint,
