@@ -54,9 +54,6 @@ class Link:
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
         self.sock.setsockopt(zmq.SNDHWM, 1000)
         self.sock.setsockopt(zmq.LINGER, 0)
-        # back off to one attempt per 2 s: during a key rotation, a link whose key no
-        # manager holds yet keeps failing its handshakes
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         curve.make_client(self.sock, keys, server_key)
         self.monitor = self.sock.get_monitor_socket(MONITORED)
         for addr in managers:
