@@ -101,7 +101,7 @@ class EventIntake:
             sock.bind(address)
         except zmq.ZMQError as exc:
             sock.close(0)
-            self._close_context()
+            await self._close_context()
             raise OSError(f"cannot bind the events port {address}: {exc}") from None
         self.sock = sock
         self.endpoint = bytes(sock.getsockopt(zmq.LAST_ENDPOINT)).decode()
@@ -113,9 +113,10 @@ class EventIntake:
                  f"CurveZMQ, agent keys from {config.agent_keys}" if self.keys
                  else "plain ZeroMQ: no keys configured, loopback only")
 
-    def _close_context(self) -> None:
+    async def _close_context(self) -> None:
         if self._watch_task is not None:
             self._watch_task.cancel()
+            await asyncio.wait([self._watch_task], timeout=1.0)
         if self._watch is not None:
             self._watch.close()
         if self._auth is not None:
@@ -127,16 +128,24 @@ class EventIntake:
 
     async def stop(self, timeout: float = 5.0) -> None:
         self._closing = True
+        reader_done = True
         if self._reader is not None:
-            # the reader also checks `_closing` between polls, so it ends even if a
-            # library swallows the cancellation
+            # the reader also checks `_closing` between polls (every POLL_MS), so it ends
+            # even if a library swallows the cancellation
             self._reader.cancel()
-            await asyncio.wait([self._reader], timeout=2.0)
+            done, _ = await asyncio.wait([self._reader], timeout=2.0 + POLL_MS / 1000)
+            reader_done = bool(done)
             self._reader = None
-        if self.sock is not None:
-            self.sock.close(0)
-            self.sock = None
-        self._close_context()
+        if reader_done:
+            # closing the socket or the context under a pending poll would leave that
+            # poll (and its task) waiting forever
+            if self.sock is not None:
+                self.sock.close(0)
+                self.sock = None
+            await self._close_context()
+        else:
+            log.warning("the event reader did not stop; leaving its socket to the garbage "
+                        "collector")
         pending = list(self._tasks)
         if pending:
             _, still = await asyncio.wait(pending, timeout=timeout)

@@ -101,6 +101,19 @@ class Keys:
 
 
 @pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    """SQLite only: these channels do not touch the database differently per backend
+    (the HTTP attack tests run on every backend)."""
+    return f"sqlite:///{tmp_path / 'test.db'}"
+
+
+@pytest.fixture
+def gateway_redis_url(embedded_redis_url: str) -> str:
+    """The embedded Redis only, for the same reason."""
+    return embedded_redis_url
+
+
+@pytest.fixture
 def zkeys(tmp_path: Path) -> Keys:
     """A gateway keypair "gateway" accepted by the agents, and empty key folders."""
     found = Keys(tmp_path / "keys", tmp_path / "keys" / "agents", tmp_path / "keys" / "gateways")
