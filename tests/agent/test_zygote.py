@@ -11,10 +11,17 @@ from sorna_server import agent_protocol as proto
 from tests.helpers import stdout_of
 
 
+def _command(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except (psutil.ZombieProcess, psutil.NoSuchProcess):  # a child that is just ending
+        return []
+
+
 def _zygotes(harness) -> list[psutil.Process]:
     agent = psutil.Process(harness.agent.proc.pid)
     return [child for child in agent.children()
-            if "--zygote" in child.cmdline() and harness.agent.instance_id in child.cmdline()]
+            if "--zygote" in _command(child) and harness.agent.instance_id in _command(child)]
 
 
 def test_kernels_are_forked_by_one_zygote(harness):
