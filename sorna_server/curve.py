@@ -307,12 +307,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def host_of(addr: str) -> str:
-    """`tcp://HOST:PORT` -> HOST."""
-    rest = addr.partition("://")[2] or addr
-    return rest.rpartition(":")[0] or rest
-
-
 def load_side(secret: Path | None, secret_setting: str, peers: Path | None, peers_setting: str,
               *, peer: str, port: str, host: str) -> tuple[KeyPair, KeyRing] | None:
     """One side's keys: its keypair and the ring of `peer` keys it admits; None

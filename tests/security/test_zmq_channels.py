@@ -255,12 +255,18 @@ async def test_execute_over_curve_and_the_instance_is_bound_to_the_agent_key(
 
 # --- 2. a plain ZeroMQ peer on the events port ------------------------------------------
 
-async def test_plain_peer_forging_events_has_no_effect(gateway_factory, zkeys, caplog):
+async def _victim(gateway_factory: Callable[..., Any], zkeys: Keys,
+                  caplog: pytest.LogCaptureFixture) -> tuple[Gateway, Any, str, dict[str, Any]]:
+    """A secure gateway with one agent and one running kernel: (gateway, agent, kernel id,
+    the instances as they were before the attack)."""
     caplog.set_level(logging.INFO)
     gw, _ = await _secure_gateway(gateway_factory, zkeys)
-    real = gw.agents[0]
     kernel_id = await gw.create_kernel("python3")
-    before = await _instances(gw)
+    return gw, gw.agents[0], kernel_id, await _instances(gw)
+
+
+async def test_plain_peer_forging_events_has_no_effect(gateway_factory, zkeys, caplog):
+    gw, real, kernel_id, before = await _victim(gateway_factory, zkeys, caplog)
     watch = _intake(gw)._watch
     assert watch is not None
 
@@ -283,11 +289,7 @@ async def test_plain_peer_forging_events_has_no_effect(gateway_factory, zkeys, c
 # --- 3. a CURVE peer with an unknown key -------------------------------------------
 
 async def test_unknown_key_peer_forging_events_has_no_effect(gateway_factory, zkeys, caplog):
-    caplog.set_level(logging.INFO)
-    gw, _ = await _secure_gateway(gateway_factory, zkeys)
-    real = gw.agents[0]
-    kernel_id = await gw.create_kernel("python3")
-    before = await _instances(gw)
+    gw, real, kernel_id, before = await _victim(gateway_factory, zkeys, caplog)
     _, stranger = zkeys.make("stranger")
     gateway_public = zkeys.pair("gateway").public
 
