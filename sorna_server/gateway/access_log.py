@@ -13,7 +13,7 @@ import time as clock
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-from .keys import ACCESS_KEY, STARTED
+from .keys import ACCESS_KEY, REQUEST_ID, STARTED
 
 
 class RequestLog(AbstractAccessLogger):
@@ -31,13 +31,17 @@ class RequestLog(AbstractAccessLogger):
         seconds = clock.perf_counter() - started if started is not None else time
         latency_ms = round(seconds * 1000, 2)
         access_key = request.get(ACCESS_KEY, "-")
-        rid = response.headers.get("X-Request-ID", "-")  # the id the response echoed
-        extra: dict[str, object] = {"request_id": rid}
+        extra: dict[str, object] = {"request_id": request.get(REQUEST_ID, "-")}
         if self.structured:
             extra.update(method=request.method, path=request.path, status=response.status,
                          latency_ms=latency_ms, access_key=access_key)
-        self.logger.info("%s %s %d %.2fms %s", request.method, request.path,
-                         response.status, latency_ms, access_key, extra=extra)
+        # made and handled directly: `Logger.info` would walk the stack to find
+        # its caller (aiohttp's internals, of no use here) on every request
+        logger = self.logger
+        logger.handle(logger.makeRecord(
+            logger.name, logging.INFO, __file__, 0, "%s %s %d %.2fms %s",
+            (request.method, request.path, response.status, latency_ms, access_key), None,
+            extra=extra))
 
     @property
     def enabled(self) -> bool:

@@ -47,11 +47,11 @@ async def create(request: web.Request) -> web.Response:
             request[ACCESS_KEY], body.lang, body.clientSessionToken,
             body.agent_limits(), body.mounts)
     except errors.QuotaExceeded:
-        metrics.CREATES_REFUSED.labels("quota").inc()
+        metrics.child(metrics.CREATES_REFUSED, "quota").inc()
         raise
     except errors.InstanceNotAvailable as exc:
         reason = REFUSAL_REASONS.get(str(exc.fields.get("reason")), "no-agent")
-        metrics.CREATES_REFUSED.labels(reason).inc()
+        metrics.child(metrics.CREATES_REFUSED, reason).inc()
         raise
     return web.json_response({"kernelId": record.id}, status=201)
 
@@ -109,7 +109,7 @@ async def execute(request: web.Request) -> web.Response:
     finally:
         if outcome not in metrics.EXECUTE_OUTCOMES:
             outcome = "failed"  # a status no client knows: bounded label values
-        metrics.EXECUTIONS.labels(record.lang, body.mode, outcome).inc()
+        metrics.child(metrics.EXECUTIONS, record.lang, body.mode, outcome).inc()
     return web.json_response({"result": result})
 
 

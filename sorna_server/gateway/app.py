@@ -31,7 +31,7 @@ from .bodies import PreAuthBudget
 from .cors import cors_middleware
 from .errors import problem_middleware
 from .kernels import KernelService
-from .observe import REQUEST_ID_HEADER, RequestMetrics, new_request_id, observe_middleware
+from .observe import REQUEST_ID_HEADER, new_request_id, observe_middleware
 from .ratelimit import RateLimiter, rate_limit_headers, ratelimit_middleware
 from .routing import setup_routes
 from .usage import KeypairActivity
@@ -56,7 +56,6 @@ def create_app(config: SornaConfig, *, primary: bool = True) -> web.Application:
     app[keys.CONFIG] = config
     app[keys.PRIMARY] = primary
     app[keys.WEBSOCKETS] = weakref.WeakSet()
-    app[keys.REQUEST_METRICS] = RequestMetrics()
     app.cleanup_ctx.extend([_redis, _database, _rpc, _registry, _event_intake, _sweeper,
                             _reconciler, _services, _legacy])
     app.on_shutdown.append(_close_websockets)
@@ -143,13 +142,13 @@ async def _reconciler(app: web.Application) -> AsyncIterator[None]:
 
 
 def _count_settlement(settlement: Settlement) -> None:
-    metrics.SETTLEMENTS.labels(path=settlement.path, status=settlement.status).inc()
+    metrics.child(metrics.SETTLEMENTS, settlement.path, settlement.status).inc()
 
 
 def _count_fixes(differences: list[Difference]) -> None:
     for difference in differences:
         if difference.fixed:
-            metrics.RECONCILE_FIXES.labels(kind=difference.kind).inc()
+            metrics.child(metrics.RECONCILE_FIXES, difference.kind).inc()
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:

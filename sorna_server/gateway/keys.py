@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from .auth import Keypair, KeypairCache
     from .bodies import PreAuthBudget
     from .kernels import KernelService
-    from .observe import RequestMetrics
     from .ratelimit import RateLimiter, RateLimitState, ReplayGuard
     from .routing import ServedRoutes
     from .usage import KeypairActivity
@@ -38,7 +37,6 @@ RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
 ACTIVITY: web.AppKey[KeypairActivity] = web.AppKey("activity")
 KERNELS: web.AppKey[KernelService] = web.AppKey("kernels")
 WEBSOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")
-REQUEST_METRICS: web.AppKey[RequestMetrics] = web.AppKey("request_metrics")
 ROUTES: web.AppKey[ServedRoutes] = web.AppKey("routes")
 """The route table this application serves (the OpenAPI document is made from it)."""
 GATEWAY: web.AppKey[web.Application] = web.AppKey("gateway", web.Application)

@@ -33,7 +33,6 @@ MAX_FILENAME_LENGTH = 255
 MAX_JSON_DEPTH = 32          # nesting of arrays and objects in a request body
 MAX_MEM_LIMIT = 1 << 50      # bytes (1 PiB): far above any host, far below 64 bits
 MAX_COORDINATE = (1 << 31) - 1
-_SURROGATE_ESCAPES = ("\\ud", "\\uD")
 
 
 def decode_json(raw: bytes) -> Any:
@@ -45,14 +44,14 @@ def decode_json(raw: bytes) -> Any:
     """
     try:
         text = raw.decode("utf-8")
-        data = json.loads(text, parse_constant=_no_constant)
+        data = _DECODER.decode(text)
     except RecursionError:
         raise InvalidAPIParameters(
             f"The request body nests deeper than {MAX_JSON_DEPTH} levels.") from None
     except (ValueError, UnicodeDecodeError):
         raise InvalidAPIParameters("The request body is not valid JSON.") from None
     nested = raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH
-    surrogates = any(escape in text for escape in _SURROGATE_ESCAPES)
+    surrogates = "\\ud" in text or "\\uD" in text
     if nested or surrogates:
         _check_tree(data)
     return data
@@ -60,6 +59,9 @@ def decode_json(raw: bytes) -> Any:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)  # one, not one per request
 
 
 def _check_tree(data: Any) -> None:

@@ -192,7 +192,7 @@ class EventIntake:
             try:
                 await self.handle_frames(frames, senders)
             except (RedisError, OSError) as exc:
-                metrics.AGENT_EVENTS_DROPPED.labels(reason="registry-unavailable").inc(
+                metrics.child(metrics.AGENT_EVENTS_DROPPED, "registry-unavailable").inc(
                     len(frames))
                 log.warning("dropped %d agent events: registry unavailable: %s",
                             len(frames), exc)
@@ -212,7 +212,7 @@ class EventIntake:
                 event = proto.decode_event(frame)
             except proto.ProtocolError as exc:
                 self.dropped += 1
-                metrics.AGENT_EVENTS_DROPPED.labels(reason="malformed").inc()
+                metrics.child(metrics.AGENT_EVENTS_DROPPED, "malformed").inc()
                 log.warning("dropped malformed agent event: %s", exc)
                 continue
             if self.ring is not None and not self.ring.allows(sender):
@@ -220,7 +220,7 @@ class EventIntake:
                 self.refuse(event, sender, "its key is no longer among agent_keys")
                 continue
             event["sender"] = sender or ""  # never taken from the wire
-            metrics.AGENT_EVENTS.labels(type=event["type"]).inc()
+            metrics.child(metrics.AGENT_EVENTS, event["type"]).inc()
             if event["type"] == "instance_heartbeat":
                 heartbeats.append(event)
             else:
@@ -251,7 +251,7 @@ class EventIntake:
 
     def refuse(self, event: dict[str, Any], sender: str | None, why: str) -> None:
         self.dropped += 1
-        metrics.AGENT_EVENTS_DROPPED.labels(reason="foreign").inc()
+        metrics.child(metrics.AGENT_EVENTS_DROPPED, "foreign").inc()
         self.foreign.note(f"refused {event['type']} for instance {event['instance_id']!r} "
                           f"from key {sender or '(plain)'}: {why}")
 
