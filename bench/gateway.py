@@ -13,6 +13,11 @@ concurrent clients; the cases run in interleaved rounds for a fixed time each:
 Targets: authorize >= 50% of hello's throughput; the gateway adds <= 1.5 ms
 to an execute at p50.
 
+`gw us/req` is the gateway process's CPU time (user + system) per request in
+each case (the agent and Redis are other processes).  On a shared machine it
+varies less than requests/s, which moves with whatever else runs: compare
+builds by it, and by requests/s over several runs.
+
 Reading the execute figures: exec-rpc sends its calls back to back, so the
 agent and its runner never go idle; through the gateway they idle while each
 request crosses HTTP, so part of what "the gateway adds" is the agent waking
@@ -44,6 +49,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
+import psutil
 
 from sorna_server import curve
 from sorna_server.agent_client import AgentRPCClient
@@ -123,17 +129,30 @@ class Server:
                 self.proc.wait()
 
 
+def cpu_seconds(pid: int) -> Callable[[], float]:
+    """A clock of the CPU time (user + system) process `pid` has used."""
+    process = psutil.Process(pid)
+
+    def clock() -> float:
+        times = process.cpu_times()
+        return times.user + times.system
+    return clock
+
+
 class Sampler:
     """Latencies of one case, collected over several interleaved rounds."""
 
-    def __init__(self) -> None:
+    def __init__(self, gateway_cpu: Callable[[], float]) -> None:
         self.latencies: list[float] = []
         self.elapsed = 0.0
         self.errors = 0
+        self.gateway_cpu = gateway_cpu
+        self.cpu = 0.0
 
     async def round(self, one: Callable[[], Awaitable[None]], concurrency: int,
                     duration: float) -> None:
         stop_at = time.perf_counter() + duration
+        cpu_before = self.gateway_cpu()
 
         async def worker() -> None:
             while time.perf_counter() < stop_at:
@@ -148,13 +167,15 @@ class Sampler:
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         self.elapsed += time.perf_counter() - began
+        self.cpu += self.gateway_cpu() - cpu_before
 
     def figures(self) -> dict[str, float]:
         latencies = sorted(self.latencies)
         if not latencies:
             return {"rps": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan"),
-                    "requests": 0, "errors": self.errors}
+                    "gw_cpu_us": float("nan"), "requests": 0, "errors": self.errors}
         return {"rps": len(latencies) / self.elapsed,
+                "gw_cpu_us": self.cpu / len(latencies) * 1e6,
                 "p50_ms": statistics.median(latencies) * 1000,
                 "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
                 "requests": len(latencies), "errors": self.errors}
@@ -164,13 +185,14 @@ ROUNDS = 5
 
 
 async def measure_side_by_side(cases: dict[str, Callable[[], Awaitable[None]]],
-                               concurrency: int, duration: float) -> dict[str, dict]:
+                               concurrency: int, duration: float,
+                               gateway_cpu: Callable[[], float]) -> dict[str, dict]:
     """Interleave short rounds of every case, so load from elsewhere on the
     machine affects all of them alike."""
     for one in cases.values():  # warm-up
         for _ in range(20):
             await one()
-    samplers = {name: Sampler() for name in cases}
+    samplers = {name: Sampler(gateway_cpu) for name in cases}
     for _ in range(ROUNDS):
         for name, one in cases.items():
             await samplers[name].round(one, concurrency, duration / ROUNDS)
@@ -224,11 +246,13 @@ async def run_bench(server: Server, access: str, secret: str, duration: float) -
                  "exec-rpc": exec_rpc}
         try:
             for concurrency in CONCURRENCY:
-                measured = await measure_side_by_side(cases, concurrency, duration)
+                measured = await measure_side_by_side(cases, concurrency, duration,
+                                                      cpu_seconds(server.proc.pid))
                 for name, figures in measured.items():
                     results.append({"case": name, "concurrency": concurrency, **figures})
                     print(f"  {name:<10} c={concurrency:<3} {figures['rps']:8.0f} req/s  "
-                          f"p50 {figures['p50_ms']:7.2f} ms  p99 {figures['p99_ms']:7.2f} ms",
+                          f"p50 {figures['p50_ms']:7.2f} ms  p99 {figures['p99_ms']:7.2f} ms  "
+                          f"gateway {figures['gw_cpu_us']:6.1f} us/req",
                           file=sys.stderr)
         finally:
             await rpc.close()
@@ -266,10 +290,11 @@ def main() -> None:
     if args.json:
         print(json.dumps({"results": results, "summary": summary(results)}, indent=2))
     else:
-        print(f"{'case':<10} {'clients':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+        print(f"{'case':<10} {'clients':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'gw us/req':>10}")
         for r in results:
             print(f"{r['case']:<10} {r['concurrency']:>7} {r['rps']:>9.0f} "
-                  f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
+                  f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['gw_cpu_us']:>10.1f}")
         for line in summary(results):
             print(line)
 
