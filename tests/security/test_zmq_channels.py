@@ -84,6 +84,12 @@ class Keys:
         shutil.copy(self.root / f"{name}{curve.PUBLIC_SUFFIX}",
                     self.gateway_keys / f"{name}{curve.PUBLIC_SUFFIX}")
 
+    def admitted_agent(self, name: str) -> curve.KeyPair:
+        """A new keypair NAME that the gateway accepts as an agent's."""
+        self.make(name)
+        self.allow_agent(name)
+        return self.pair(name)
+
     def agent(self, name: str = "agent", allowed: bool = True,
               gateway: curve.KeyPair | None = None) -> AgentCurve:
         """A new agent keypair (in agent_keys unless `allowed` is false)."""
@@ -155,6 +161,11 @@ def _socket(kind: int, addr: str, pair: curve.KeyPair | None = None,
     curve.make_client(sock, pair, server_key)
     sock.connect(addr)
     return sock
+
+
+def _event_pusher(gw: Gateway, zkeys: Keys, pair: curve.KeyPair) -> zmq.asyncio.Socket:
+    """A PUSH socket to the gateway's events port with `pair`'s key."""
+    return _socket(zmq.PUSH, _events_addr(gw), pair, zkeys.pair("gateway").public)
 
 
 async def _instances(gw: Gateway) -> dict[str, tuple[str, int, str, str]]:
@@ -322,14 +333,12 @@ async def test_allowed_key_cannot_speak_for_another_agents_instance(gateway_fact
     gw, agent = await _secure_gateway(gateway_factory, zkeys)
     real = gw.agents[0]
     kernel_id = await gw.create_kernel("python3")
-    zkeys.make("other")
-    zkeys.allow_agent("other")
-    other = zkeys.pair("other")
+    other = zkeys.admitted_agent("other")
     before = await _instances(gw)
     intake = _intake(gw)
     dropped = intake.dropped
 
-    sock = _socket(zmq.PUSH, _events_addr(gw), other, zkeys.pair("gateway").public)
+    sock = _event_pusher(gw, zkeys, other)
     try:
         for frame in [
             proto.encode_event("instance_heartbeat", real.instance_id, running_kernels=[],
@@ -366,12 +375,10 @@ async def test_allowed_key_cannot_claim_another_agents_address(gateway_factory, 
     caplog.set_level(logging.INFO)
     gw, agent = await _secure_gateway(gateway_factory, zkeys)
     real = gw.agents[0]
-    zkeys.make("other")
-    zkeys.allow_agent("other")
-    other = zkeys.pair("other")
+    other = zkeys.admitted_agent("other")
     intake = _intake(gw)
     dropped = intake.dropped
-    sock = _socket(zmq.PUSH, _events_addr(gw), other, zkeys.pair("gateway").public)
+    sock = _event_pusher(gw, zkeys, other)
     try:
         for instance_id, addr, langs in (
                 ("i-phantom", real.addr, ("python3", "bash")),
@@ -403,16 +410,14 @@ async def test_allowed_key_cannot_claim_another_agents_address(gateway_factory, 
 async def test_oversized_event_frame_is_dropped_and_the_intake_lives_on(gateway_factory, zkeys):
     gw, _ = await _secure_gateway(gateway_factory, zkeys)
     real = gw.agents[0]
-    zkeys.make("other")
-    zkeys.allow_agent("other")
-    other = zkeys.pair("other")
+    other = zkeys.admitted_agent("other")
     intake = _intake(gw)
 
     def heartbeat(padding: int) -> bytes:
         return proto.encode_event("instance_heartbeat", "i-big", running_kernels=[],
                                   interval=0.5, info=info("tcp://127.0.0.1:3"),
                                   padding=b"x" * padding)
-    big = _socket(zmq.PUSH, _events_addr(gw), other, zkeys.pair("gateway").public)
+    big = _event_pusher(gw, zkeys, other)
     monitor = big.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
     try:
         frame = heartbeat(8 << 20)
@@ -432,7 +437,7 @@ async def test_oversized_event_frame_is_dropped_and_the_intake_lives_on(gateway_
     await _heartbeats(gw, real.instance_id, 2)  # the real agent's heartbeats still count
 
     # a valid event of the same key, just under the limit, still counts
-    small = _socket(zmq.PUSH, _events_addr(gw), other, zkeys.pair("gateway").public)
+    small = _event_pusher(gw, zkeys, other)
     try:
         await small.send(heartbeat(proto.MAX_EVENT_BYTES - 4096))
         instance = await wait_for(lambda: _registry(gw).get_instance("i-big"), 10)
