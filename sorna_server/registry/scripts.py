@@ -52,6 +52,12 @@ local function decode_list(text)
   return {{}}
 end
 
+-- An address no instance holds any more: neither its holder nor its key is kept
+local function release_addr(addr)
+  redis.call('HDEL', K_AGENT_ADDRS, addr)
+  redis.call('HDEL', K_AGENT_KEYS, addr)
+end
+
 -- Drop an instance from every per-language scheduling set of `langs`.
 local function unlist_languages(iid, langs)
   for _, lang in ipairs(langs) do
@@ -178,7 +184,7 @@ HEARTBEAT = _PRELUDE + """
 local iid, now, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local interval, grace = ARGV[4], tonumber(ARGV[5])
 local h = P_INSTANCE .. iid
-local status, owner = unpack(redis.call('HMGET', h, 'status', 'key'))
+local status, owner, old_addr = unpack(redis.call('HMGET', h, 'status', 'key', 'addr'))
 -- an instance id speaks only through the agent key that registered it
 if owner and owner ~= ARGV[15] then return {'foreign', {}, {}} end
 -- an address belongs to one live instance: no other id may claim it meanwhile
@@ -198,9 +204,8 @@ else
   local old = redis.call('HGET', h, 'languages')
   if old and old ~= ARGV[9] then unlist_languages(iid, decode_list(old)) end
 end
-local old_addr = redis.call('HGET', h, 'addr')
 if old_addr and old_addr ~= addr and redis.call('HGET', K_AGENT_ADDRS, old_addr) == iid then
-  redis.call('HDEL', K_AGENT_ADDRS, old_addr)
+  release_addr(old_addr)
 end
 redis.call('HSET', K_AGENT_ADDRS, addr, iid)
 redis.call('HSET', K_AGENT_KEYS, addr, ARGV[15])
@@ -312,9 +317,7 @@ local iid = ARGV[1]
 local h = P_INSTANCE .. iid
 local kernels = redis.call('SMEMBERS', h .. S_KERNELS)
 local addr = redis.call('HGET', h, 'addr')
-if addr and redis.call('HGET', K_AGENT_ADDRS, addr) == iid then
-  redis.call('HDEL', K_AGENT_ADDRS, addr)
-end
+if addr and redis.call('HGET', K_AGENT_ADDRS, addr) == iid then release_addr(addr) end
 unlist_languages(iid, decode_list(redis.call('HGET', h, 'languages')))
 redis.call('SREM', K_LIVE, iid)
 redis.call('SREM', K_DRAINING, iid)

@@ -165,9 +165,18 @@ async def test_vanished_kernel_is_settled_after_two_heartbeats(env):
     assert await env.slots_used(ak) == 1
 
 
+async def _address_record(env, addr: str) -> tuple[str | None, str | None]:
+    """(the instance holding `addr`, the agent key kept for it) in Redis."""
+    instances = env.redis.instances
+    holder, key = (await instances.hget(keys.AGENT_ADDRS, addr),
+                   await instances.hget(keys.AGENT_KEYS, addr))
+    return tuple(v.decode() if isinstance(v, bytes) else v for v in (holder, key))
+
+
 async def test_instance_terminated_forgets_the_agent(env):
     ak = await env.create_keypair()
-    await _agent(env)
+    addr = (await _agent(env)).addr
+    assert await _address_record(env, addr) == ("i-a", "")  # no keys: the empty key
     kid = await env.register(ak, "i-a")
     await env.push("instance_terminated", "i-a", reason="shutdown")
 
@@ -176,6 +185,18 @@ async def test_instance_terminated_forgets_the_agent(env):
     await wait_for(forgotten)
     assert (await env.kernel_row(kid)).status == "TERMINATED"
     assert await env.slots_used(ak) == 0
+    assert await _address_record(env, addr) == (None, None)  # the address is free, no key kept
+
+
+async def test_an_agent_that_moves_releases_its_old_address(env):
+    await _agent(env, addr="tcp://127.0.0.1:11")
+    await env.heartbeat("i-a", addr="tcp://127.0.0.1:12")
+
+    async def moved():
+        return (await env.registry.get_instance("i-a")).addr == "tcp://127.0.0.1:12"
+    await wait_for(moved)
+    assert await _address_record(env, "tcp://127.0.0.1:12") == ("i-a", "")
+    assert await _address_record(env, "tcp://127.0.0.1:11") == (None, None)
 
 
 async def test_malformed_frames_are_dropped_and_intake_survives(env):
