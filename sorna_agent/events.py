@@ -77,14 +77,10 @@ class Link:
                 self._refusing.discard(endpoint)
                 self.handshakes += 1
             else:
-                reason = ("the manager refused this agent's key (is it among the gateway's "
-                          "agent_keys?)" if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                          else "CurveZMQ handshake failed (is gateway_keys the key of that "
-                               "gateway, and does it use keys?)" if self.server_key
-                          else "handshake failed (the manager expects CurveZMQ keys: set "
-                               "agent_key and gateway_keys)")
-                self.refused |= event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                refused = event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                reason = self._failure(refused)
+                self.refused |= refused
+                if refused:
                     self._retry(endpoint)
                     if self.handshakes and endpoint not in self._refusing:
                         self._refusing.add(endpoint)  # it worked before: key removed there
@@ -94,6 +90,16 @@ class Link:
                     self.failures.append(f"{endpoint}: {reason}")
                 if len(self.failures) in (1, 10) and not self.handshakes:
                     log.warning("events: manager %s: %s%s", endpoint, reason, self._key_note())
+
+    def _failure(self, refused: bool) -> str:
+        """Why a handshake failed, for the operator (`refused`: ZAP turned our key down)."""
+        if refused:
+            return "the manager refused this agent's key (is it among the gateway's agent_keys?)"
+        if self.server_key:
+            return ("CurveZMQ handshake failed (is gateway_keys the key of that gateway, and "
+                    "does it use keys?)")
+        return "handshake failed (the manager expects CurveZMQ keys: set agent_key and " \
+               "gateway_keys)"
 
     def _retry(self, endpoint: str) -> None:
         """Connect to `endpoint` again a little later (libzmq gave up on it)."""

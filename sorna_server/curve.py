@@ -107,18 +107,18 @@ def load_keypair(path: Path, setting: str) -> KeyPair:
             public, secret = _read(candidate, setting)
             if secret is None:
                 raise CurveKeyError(f"invalid setting {setting}: {candidate} holds no secret key "
-                                f"(name the {SECRET_SUFFIX} file of `sorna keys generate`)")
+                                    f"(name the {SECRET_SUFFIX} file of `sorna keys generate`)")
             _check_private(candidate, setting)
             return KeyPair(public, secret)
     raise CurveKeyError(f"invalid setting {setting}: no key file {candidates[0]} "
-                    f"(make one with `sorna keys generate`)")
+                        f"(make one with `sorna keys generate`)")
 
 
 def _check_private(path: Path, setting: str) -> None:
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         raise CurveKeyError(f"invalid setting {setting}: {path} is readable by others "
-                        f"(mode {mode:o}); run chmod 600 {path}")
+                            f"(mode {mode:o}); run chmod 600 {path}")
 
 
 def _read(path: Path, setting: str) -> tuple[bytes, bytes | None]:
@@ -145,7 +145,7 @@ def load_public_keys(path: Path, setting: str) -> frozenset[bytes]:
         files = [path.with_name(path.name + PUBLIC_SUFFIX)]
     else:
         raise CurveKeyError(f"invalid setting {setting}: {path} is neither a key file nor a folder "
-                        f"of them")
+                            f"of them")
     return frozenset(_read(file, setting)[0] for file in files)
 
 
@@ -299,7 +299,7 @@ def _failure(event: Any) -> str:
 
 
 def is_loopback(host: str) -> bool:
-    if host in ("localhost",):
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -321,4 +321,4 @@ def require_loopback(what: str, host: str, settings: str) -> None:
     """Without keys, refuse a non-loopback bind with one line saying what to set."""
     if not is_loopback(host):
         raise CurveKeyError(f"{what} would listen on {host} without CurveZMQ keys: set {settings} "
-                        f"(make keys with `sorna keys generate`), or listen on 127.0.0.1")
+                            f"(make keys with `sorna keys generate`), or listen on 127.0.0.1")

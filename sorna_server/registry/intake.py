@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 512
 POLL_MS = 200
+# what the heartbeat script answers for a heartbeat it refused, and why
+HEARTBEAT_REFUSALS = {"foreign": "its instance id is registered by another key",
+                      "taken": "its address is held by another live agent"}
 
 
 def gateway_side(config: SornaConfig) -> tuple[curve.KeyPair, curve.KeyRing] | None:
@@ -300,10 +303,8 @@ class EventIntake:
                          unknown: list[str]) -> None:
         """Follow up a recorded heartbeat: registration, revival, kernels to settle."""
         iid = event["instance_id"]
-        if state in ("foreign", "taken"):
-            self.refuse(event, event.get("sender"), "its instance id is registered by another "
-                        "key" if state == "foreign" else "its address is held by another live "
-                        "agent")
+        if state in HEARTBEAT_REFUSALS:
+            self.refuse(event, event.get("sender"), HEARTBEAT_REFUSALS[state])
             return
         if state == "new":
             log.info("agent %s registered (%s)", iid, event["info"]["addr"])
